@@ -1,0 +1,65 @@
+"""Heteroscedastic classifiers: DET, HET and HET-XL heads and their Monte-Carlo machinery.
+
+Public API:
+  HeteroscedasticHead                  the classification head (kind "det" | "het" | "hetxl").
+  NoiseConfig, HeteroscedasticNoise    covariance parameterisation and sampling options.
+  NoiseParameters                      V(x), d(x) and the mean shift of one batch.
+  TemperatureConfig, Temperature       fixed, bounded, bounded-in-log-space or CLIP log-scale tau.
+  prelogit_noise_logits                HET-XL noise + ANY class matrix -> LogitDistribution.
+  logit_noise_logits                   HET noise on given logits -> LogitDistribution.
+  mc_log_probs, mc_log_likelihood      MC-averaged predictions / label log-likelihoods.
+  log_mean_exp_over_samples            the chunked, memory-flat MC reduction they are built on.
+"""
+
+from models.heteroscedastic.heads import HEAD_KINDS, HeteroscedasticHead
+from models.heteroscedastic.mc import (
+    LIKELIHOODS,
+    LogitDistribution,
+    deterministic_log_likelihood,
+    deterministic_log_probs,
+    log_mean_exp_over_samples,
+    logit_noise_logits,
+    mc_log_likelihood,
+    mc_log_probs,
+    prelogit_noise_logits,
+    sample_logits,
+    standard_normal_draws,
+)
+from models.heteroscedastic.noise import (
+    DIAG_MODES,
+    HeteroscedasticNoise,
+    NoiseConfig,
+    NoiseParameters,
+)
+from models.heteroscedastic.temperature import (
+    TEMPERATURE_MODES,
+    Temperature,
+    TemperatureConfig,
+    bounded_log_tau,
+    bounded_tau,
+)
+
+__all__ = [
+    "DIAG_MODES",
+    "HEAD_KINDS",
+    "LIKELIHOODS",
+    "TEMPERATURE_MODES",
+    "HeteroscedasticHead",
+    "HeteroscedasticNoise",
+    "LogitDistribution",
+    "NoiseConfig",
+    "NoiseParameters",
+    "Temperature",
+    "TemperatureConfig",
+    "bounded_log_tau",
+    "bounded_tau",
+    "deterministic_log_likelihood",
+    "deterministic_log_probs",
+    "log_mean_exp_over_samples",
+    "logit_noise_logits",
+    "mc_log_likelihood",
+    "mc_log_probs",
+    "prelogit_noise_logits",
+    "sample_logits",
+    "standard_normal_draws",
+]

@@ -1,0 +1,93 @@
+"""DET, HET and HET-XL classification heads with one API (HETXL.md section 1).
+
+    head = HeteroscedasticHead(num_classes=K, kind="hetxl")
+    params = head.init({"params": key, "noise": key}, pre_logits)
+    log_probs = head.apply(params, pre_logits, rngs={"noise": key})            # f32[B, K]
+    log_lik = head.apply(params, pre_logits, labels, train=True, rngs={"noise": key})  # f32[B]
+
+DET: p = softmax((W^T phi + b) / tau). HET: Gaussian noise on the K logits. HET-XL: Gaussian noise
+on the D pre-logits, mapped through W, so its parameters do not grow with K.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from models.heteroscedastic import mc
+from models.heteroscedastic.noise import HeteroscedasticNoise, NoiseConfig
+from models.heteroscedastic.temperature import Temperature, TemperatureConfig
+
+HEAD_KINDS = ("det", "het", "hetxl")
+
+
+class HeteroscedasticHead(nn.Module):
+    """Classification head f32[B, D] -> log-probabilities f32[B, K] or label log-likelihoods f32[B].
+
+    Attributes:
+      num_classes: K.
+      kind: "det", "het" (noise in logit space) or "hetxl" (noise in pre-logit space).
+      likelihood: "softmax" (one label per example) or "sigmoid" (multi-label).
+      noise: covariance parameterisation and MC sampling (ignored by "det").
+      temperature: fixed or learned tau.
+
+    Parameters: kernel f32[D, K], bias f32[K], noise/... (HET, HET-XL), temperature/... (learned).
+    Randomness: the "noise" RNG stream, needed unless kind == "det" or deterministic=True.
+    """
+
+    num_classes: int
+    kind: str = "hetxl"
+    likelihood: str = "softmax"
+    noise: NoiseConfig = NoiseConfig()
+    temperature: TemperatureConfig = TemperatureConfig()
+
+    @nn.compact
+    def __call__(
+        self,
+        pre_logits: jax.Array,
+        labels: jax.Array | None = None,
+        *,
+        train: bool = False,
+        deterministic: bool = False,
+    ) -> jax.Array:
+        """Args:
+        pre_logits: phi(x), f32[B, D].
+        labels: None to get log-probabilities f32[B, K]; else class ids i32[B] (softmax) or
+          targets f32[B, K] (sigmoid) to get their log-likelihood f32[B].
+        train: use noise.train_samples (else noise.eval_samples).
+        deterministic: no noise, the mean logits only (DET's prediction with this head's W).
+        """
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"head kind {self.kind!r} is unknown; known: {HEAD_KINDS}")
+        if self.likelihood not in mc.LIKELIHOODS:
+            raise ValueError(f"likelihood {self.likelihood!r} is unknown; known: {mc.LIKELIHOODS}")
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (pre_logits.shape[-1], self.num_classes)
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.num_classes,))
+        tau = Temperature(self.temperature, name="temperature")()
+        distribution = self._logit_distribution(pre_logits, kernel, bias)
+        if self.kind == "det" or deterministic:
+            if labels is None:
+                return mc.deterministic_log_probs(distribution, tau, self.likelihood)
+            return mc.deterministic_log_likelihood(distribution, tau, labels, self.likelihood)
+        sampling = dict(
+            num_samples=self.noise.num_samples(train),
+            chunk_size=self.noise.sample_chunk_size,
+            share_samples_across_batch=self.noise.share_samples_across_batch,
+            likelihood=self.likelihood,
+        )
+        key = self.make_rng("noise")
+        if labels is None:
+            return mc.mc_log_probs(distribution, tau, key, **sampling)
+        return mc.mc_log_likelihood(distribution, tau, labels, key, **sampling)
+
+    def _logit_distribution(self, pre_logits, kernel, bias) -> mc.LogitDistribution:
+        logits_if_no_noise = pre_logits @ kernel + bias
+        if self.kind == "det":
+            return mc.LogitDistribution(logits_if_no_noise)
+        noise_dim = self.num_classes if self.kind == "het" else pre_logits.shape[-1]
+        noise = HeteroscedasticNoise(noise_dim, self.noise, name="noise")(pre_logits)
+        if self.kind == "het":
+            return mc.logit_noise_logits(logits_if_no_noise, noise)
+        return mc.prelogit_noise_logits(pre_logits, kernel, noise, bias)

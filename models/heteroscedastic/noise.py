@@ -1,0 +1,119 @@
+"""Input-dependent Gaussian noise: Sigma(x) = V(x) V(x)^T + diag(d(x)^2) in an N-dim space.
+
+N is the number of classes K for HET (noise on the logits) and the pre-logit dimension D for
+HET-XL (noise on the pre-logits, so the parameter count does not depend on K). See HETXL.md
+section 2 for the parameterisation and section 6 for the facts the tests pin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+DIAG_MODES = ("per_dim", "shared_scalar")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseConfig:
+    """Covariance parameterisation and Monte-Carlo sampling of a heteroscedastic head.
+
+    Attributes:
+      num_factors: R, the rank of the low-rank part V(x).
+      parameter_efficient: V(x) = diag(v(x)) J^T with a learned R x N matrix J (and a learned mean
+        shift c * v(x)); otherwise V(x) is a full N x R output of a dense layer.
+      diag_mode: "per_dim" draws the diagonal noise independently per dimension (the papers'
+        model); "shared_scalar" draws one scalar per (example, sample) and broadcasts it over the
+        dimensions (the reference JAX code), which makes that term d d^T.
+      min_scale: floor of the diagonal scale d(x) = softplus(.) + min_scale.
+      train_samples, eval_samples: Monte-Carlo samples S in training and evaluation.
+      share_samples_across_batch: one set of standard-normal draws for the whole batch.
+      sample_chunk_size: samples evaluated at once; peak memory depends on it, not on S.
+    """
+
+    num_factors: int = 10
+    parameter_efficient: bool = True
+    diag_mode: str = "per_dim"
+    min_scale: float = 1e-3
+    train_samples: int = 16
+    eval_samples: int = 16
+    share_samples_across_batch: bool = False
+    sample_chunk_size: int = 16
+
+    def __post_init__(self):
+        if self.diag_mode not in DIAG_MODES:
+            raise ValueError(f"diag_mode {self.diag_mode!r} is unknown; known: {DIAG_MODES}")
+        for name in ("num_factors", "train_samples", "eval_samples", "sample_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_scale < 0:
+            raise ValueError(f"min_scale must be >= 0, got {self.min_scale}")
+
+    def num_samples(self, train: bool) -> int:
+        return self.train_samples if train else self.eval_samples
+
+
+@struct.dataclass
+class NoiseParameters:
+    """Per-example noise eps = mean_shift + factors @ e_R + diag_scale * e_N.
+
+    Attributes:
+      factors: V(x), f32[B, N, R].
+      diag_scale: d(x), f32[B, N], a standard deviation (not a variance), >= min_scale.
+      mean_shift: c * v(x), f32[B, N], or None (full parameterisation has no shift).
+      shared_scalar_diag: whether e_N is one scalar per (example, sample).
+    """
+
+    factors: jax.Array
+    diag_scale: jax.Array
+    mean_shift: jax.Array | None = None
+    shared_scalar_diag: bool = struct.field(pytree_node=False, default=False)
+
+    def covariance(self) -> jax.Array:
+        """Sigma(x), f32[B, N, N]: V V^T plus diag(d^2) or, in shared-scalar mode, d d^T."""
+        low_rank = jnp.einsum("bnr,bmr->bnm", self.factors, self.factors)
+        if self.shared_scalar_diag:
+            return low_rank + jnp.einsum("bn,bm->bnm", self.diag_scale, self.diag_scale)
+        return low_rank + jax.vmap(jnp.diag)(self.diag_scale**2)
+
+
+class HeteroscedasticNoise(nn.Module):
+    """Maps features phi(x) f32[B, D] to NoiseParameters in an N-dim space.
+
+    Parameters (parameter-efficient form, 2*D*N + (R + 3)*N in all):
+      diag_scale/{kernel,bias}: d(x) = softplus(phi W_d + b_d) + min_scale;
+      factor_scale/{kernel,bias}: v(x) = phi W_v + b_v;
+      factor_loadings f32[R, N]: J; factor_shift f32[N]: c.
+    Full form ((D + 1)(R + 1) N in all): diag_scale as above and factors/{kernel,bias} giving
+    V(x) = reshape(phi W_V + b_V, [N, R]).
+    """
+
+    noise_dim: int
+    config: NoiseConfig = NoiseConfig()
+
+    @nn.compact
+    def __call__(self, features: jax.Array) -> NoiseParameters:
+        config = self.config
+        n, r = self.noise_dim, config.num_factors
+        diag_scale = jax.nn.softplus(nn.Dense(n, name="diag_scale")(features)) + config.min_scale
+        if config.parameter_efficient:
+            factor_scale = nn.Dense(n, name="factor_scale")(features)
+            loadings = self.param(
+                "factor_loadings", nn.initializers.lecun_normal(), (r, n), jnp.float32
+            )
+            shift = self.param("factor_shift", nn.initializers.zeros, (n,), jnp.float32)
+            factors = factor_scale[:, :, None] * loadings.T[None, :, :]
+            mean_shift = factor_scale * shift
+        else:
+            flat = nn.Dense(n * r, name="factors")(features)
+            factors = flat.reshape(features.shape[:-1] + (n, r))
+            mean_shift = None
+        return NoiseParameters(
+            factors=factors,
+            diag_scale=diag_scale,
+            mean_shift=mean_shift,
+            shared_scalar_diag=config.diag_mode == "shared_scalar",
+        )
