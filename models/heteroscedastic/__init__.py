@@ -8,6 +8,7 @@ Public API:
   prelogit_noise_logits                HET-XL noise + ANY class matrix -> LogitDistribution.
   logit_noise_logits                   HET noise on given logits -> LogitDistribution.
   mc_log_probs, mc_log_likelihood      MC-averaged predictions / label log-likelihoods.
+  sample_prelogit_noise                dense pre-logit noise samples (for the contrastive loss).
   log_mean_exp_over_samples            the chunked, memory-flat MC reduction they are built on.
 """
 
@@ -23,6 +24,7 @@ from models.heteroscedastic.mc import (
     mc_log_probs,
     prelogit_noise_logits,
     sample_logits,
+    sample_prelogit_noise,
     standard_normal_draws,
 )
 from models.heteroscedastic.noise import (
@@ -61,5 +63,6 @@ __all__ = [
     "mc_log_probs",
     "prelogit_noise_logits",
     "sample_logits",
+    "sample_prelogit_noise",
     "standard_normal_draws",
 ]

@@ -9,8 +9,9 @@ is E[softmax(u / tau)] (or E[sigmoid(u / tau)]), estimated with S samples. Two i
 * Memory flat in S: `log_mean_exp_over_samples` scans over chunks of samples and has a custom
   gradient that recomputes each chunk in the backward pass, so nothing of size S is ever stored.
 
-Every sample s draws its normals from fold_in(key, s): results do not depend on the chunk size,
-and a reference implementation can reproduce the draws with `standard_normal_draws`.
+Sample s of example i draws its normals from fold_in(fold_in(key, s), i): results do not depend on
+the chunk size nor on the device count, and a reference can reproduce them with
+`standard_normal_draws`.
 """
 
 from __future__ import annotations
@@ -99,23 +100,52 @@ def standard_normal_draws(
     num_factors: int,
     diag_dim: int,
     share_across_batch: bool = False,
+    example_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The standard normals of the given samples: e_R f32[C, B', R] and e_N f32[C, B', diag_dim].
 
-    B' is 1 when the draws are shared across the batch, else batch_size. Sample s uses
-    fold_in(key, s) alone, so the draws of a sample do not depend on which others are drawn.
+    B' is 1 when the draws are shared across the batch, else batch_size. The draws of (sample s,
+    example i) come from fold_in(fold_in(key, s), i) alone, so they do not depend on which other
+    samples are drawn (chunking) nor on how the batch is split over devices: a device holding
+    global examples example_ids i32[batch_size] (default arange) draws exactly what a single
+    device holding the whole batch draws for them.
     """
     rows = 1 if share_across_batch else batch_size
+    if example_ids is None or share_across_batch:
+        example_ids = jnp.arange(rows)
 
-    def one_sample(sample_id):
-        sample_key = jax.random.fold_in(key, sample_id)
-        factor_key, diag_key = jax.random.split(sample_key)
+    def one_draw(sample_id, example_id):
+        draw_key = jax.random.fold_in(jax.random.fold_in(key, sample_id), example_id)
+        factor_key, diag_key = jax.random.split(draw_key)
         return (
-            jax.random.normal(factor_key, (rows, num_factors), jnp.float32),
-            jax.random.normal(diag_key, (rows, diag_dim), jnp.float32),
+            jax.random.normal(factor_key, (num_factors,), jnp.float32),
+            jax.random.normal(diag_key, (diag_dim,), jnp.float32),
         )
 
-    return jax.vmap(one_sample)(sample_ids)
+    per_example = jax.vmap(one_draw, in_axes=(None, 0))
+    return jax.vmap(per_example, in_axes=(0, None))(sample_ids, example_ids)
+
+
+def sample_prelogit_noise(
+    noise: NoiseParameters,
+    key: jax.Array,
+    sample_ids: jax.Array,
+    share_across_batch: bool = False,
+    example_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Pre-logit noise samples eps f32[C, B, N] = mean_shift + V e_R + d * e_N, drawn densely.
+
+    The contrastive loss uses this form: there the class matrix (all texts of the global batch) is
+    as large as the batch, so mapping V through it once (the W-once form) saves nothing over adding
+    the noise to the embeddings, and noisy embeddings can be re-normalised.
+    """
+    batch_size, noise_dim, num_factors = noise.factors.shape
+    diag_dim = 1 if noise.shared_scalar_diag else noise_dim
+    factor_draws, diag_draws = standard_normal_draws(
+        key, sample_ids, batch_size, num_factors, diag_dim, share_across_batch, example_ids
+    )
+    eps = jnp.einsum("bnr,cbr->cbn", noise.factors, factor_draws) + noise.diag_scale * diag_draws
+    return eps if noise.mean_shift is None else eps + noise.mean_shift
 
 
 def sample_logits(
@@ -123,8 +153,9 @@ def sample_logits(
     key: jax.Array,
     sample_ids: jax.Array,
     share_across_batch: bool = False,
+    example_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """Logit samples f32[C, B, K] for the C given sample ids."""
+    """Logit samples f32[C, B, K] for the C given sample ids (example_ids: see the draws)."""
     batch_size = distribution.mean.shape[0]
     factor_draws, diag_draws = standard_normal_draws(
         key,
@@ -133,6 +164,7 @@ def sample_logits(
         distribution.num_factors,
         distribution.diag_dim,
         share_across_batch,
+        example_ids,
     )
     num_chunk = sample_ids.shape[0]
     factor_draws = jnp.broadcast_to(factor_draws, (num_chunk, batch_size, factor_draws.shape[-1]))
@@ -170,20 +202,32 @@ def _valid_samples(sample_ids: jax.Array, num_samples: int, ndim: int) -> jax.Ar
     return (sample_ids < num_samples).reshape(sample_ids.shape + (1,) * (ndim - 1))
 
 
+def _scan_chunks(chunk_fn, num_chunks: int, combine):
+    """combine(chunk_fn(0), chunk_fn(1), ...) with a scan over chunks 1..n-1.
+
+    The first chunk seeds the carry, so the carry has the exact type (shape, dtype and, inside
+    shard_map, device-variance) that chunk_fn produces.
+    """
+    first = chunk_fn(0)
+    if num_chunks == 1:
+        return first
+
+    def body(carry, chunk_index):
+        return combine(carry, chunk_fn(chunk_index)), None
+
+    return jax.lax.scan(body, first, jnp.arange(1, num_chunks))[0]
+
+
 def _forward_scan(sample_fn, diff_operands, aux_operands, key, num_samples, chunk_size):
     chunk, num_chunks = _chunk_layout(num_samples, chunk_size)
 
-    def body(log_sum, chunk_index):
+    def chunk_log_sum(chunk_index):
         sample_ids = _chunk_sample_ids(chunk_index, chunk)
         values = sample_fn(diff_operands, aux_operands, key, sample_ids)
         valid = _valid_samples(sample_ids, num_samples, values.ndim)
-        chunk_log_sum = jax.nn.logsumexp(jnp.where(valid, values, -jnp.inf), axis=0)
-        return jnp.logaddexp(log_sum, chunk_log_sum), None
+        return jax.nn.logsumexp(jnp.where(valid, values, -jnp.inf), axis=0)
 
-    shape = jax.eval_shape(lambda: sample_fn(diff_operands, aux_operands, key, jnp.arange(chunk)))
-    initial = jnp.full(shape.shape[1:], -jnp.inf, shape.dtype)
-    log_sum, _ = jax.lax.scan(body, initial, jnp.arange(num_chunks))
-    return log_sum
+    return _scan_chunks(chunk_log_sum, num_chunks, jnp.logaddexp)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
@@ -208,7 +252,7 @@ def _log_mean_exp_bwd(sample_fn, num_samples, chunk_size, residuals, output_cota
     diff_operands, aux_operands, key, log_sum = residuals
     chunk, num_chunks = _chunk_layout(num_samples, chunk_size)
 
-    def body(gradient, chunk_index):
+    def chunk_gradient(chunk_index):
         sample_ids = _chunk_sample_ids(chunk_index, chunk)
         values, pullback = jax.vjp(
             lambda operands: sample_fn(operands, aux_operands, key, sample_ids), diff_operands
@@ -216,11 +260,11 @@ def _log_mean_exp_bwd(sample_fn, num_samples, chunk_size, residuals, output_cota
         valid = _valid_samples(sample_ids, num_samples, values.ndim)
         # d/d f_s of log sum_s exp(f_s) is the softmax weight exp(f_s - log_sum).
         weights = jnp.where(valid, jnp.exp(values - log_sum), 0.0) * output_cotangent
-        (chunk_gradient,) = pullback(weights)
-        return jax.tree.map(jnp.add, gradient, chunk_gradient), None
+        return pullback(weights)[0]
 
-    initial = jax.tree.map(jnp.zeros_like, diff_operands)
-    gradient, _ = jax.lax.scan(body, initial, jnp.arange(num_chunks))
+    gradient = _scan_chunks(
+        chunk_gradient, num_chunks, lambda total, part: jax.tree.map(jnp.add, total, part)
+    )
     return (
         gradient,
         jax.tree.map(_zero_cotangent, aux_operands),

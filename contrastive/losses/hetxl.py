@@ -1,0 +1,112 @@
+"""HET-XL contrastive loss: the batch's texts are the classes, noise sits on the image embeddings.
+
+For each Monte-Carlo sample s, image i's embedding becomes x_i + eps_is with eps drawn from its
+HET-XL noise (V(x_i), d(x_i)) in the shared embedding space (optionally re-normalised). Scored
+against all B texts with temperature tau, that gives two per-sample log-likelihoods of the matching
+pair (HETXL.md sections 1 and 5):
+    image -> text: log softmax_j(<x_is, t_j> / tau)[i]   (a row of the B x B matrix)
+    text -> image: log softmax_k(<x_ks, t_i> / tau)[i]   (a column: over all noisy images)
+Each is averaged over samples as probabilities, log (1/S) sum_s exp(.), and the loss is minus
+their mean. Each device holds its local noisy images as rows against all gathered texts; the
+column log-sum-exp of the text -> image direction is combined across devices in log space
+(`logsumexp_across`) instead of gathering S sets of noisy image embeddings.
+
+The sample reduction is the heteroscedastic module's `log_mean_exp_over_samples`: memory is that
+of one chunk of samples (and one chunk of columns) whatever S is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from contrastive.losses.metrics import global_mean, logit_statistics
+from contrastive.losses.sharding import (
+    AxisNames,
+    batch_offset,
+    gather_batch,
+    logsumexp_across,
+    scan_column_chunks,
+)
+from models.heteroscedastic import log_mean_exp_over_samples, sample_prelogit_noise
+
+
+@dataclasses.dataclass(frozen=True)
+class HetXLLoss:
+    """Reads "image_embedding", "text_embedding", "tau" and "noise" (NoiseParameters of the images).
+
+    Attributes:
+      num_samples: MC samples S per step.
+      sample_chunk_size: samples evaluated at once.
+      column_chunk_size: texts scored at once.
+      share_samples_across_batch: one set of normal draws for all images.
+      renormalize: project each noisy image embedding back onto the unit sphere.
+    """
+
+    num_samples: int = 16
+    sample_chunk_size: int = 4
+    column_chunk_size: int = 1024
+    share_samples_across_batch: bool = False
+    renormalize: bool = False
+
+    def __call__(self, outputs: dict, rng: jax.Array, axis_names: AxisNames):
+        images, texts = outputs["image_embedding"], outputs["text_embedding"]
+        noise, tau = outputs["noise"], outputs["tau"]
+        if noise is None:
+            raise ValueError("the HET-XL loss needs the model's image noise parameters ('noise')")
+        local_batch = images.shape[0]
+        example_ids = batch_offset(axis_names, local_batch) + jnp.arange(local_batch)
+        all_texts = gather_batch(texts, axis_names)
+        sample_fn = functools.partial(self._per_sample_log_likelihoods, axis_names=axis_names)
+        log_lik = log_mean_exp_over_samples(
+            sample_fn,
+            (images, texts, all_texts, noise, tau),
+            example_ids,
+            rng,
+            self.num_samples,
+            self.sample_chunk_size,
+        )
+        loss_i2t = -global_mean(log_lik[0], axis_names)
+        loss_t2i = -global_mean(log_lik[1], axis_names)
+        scale = 1.0 / tau
+        metrics = {
+            "loss_image_to_text": loss_i2t,
+            "loss_text_to_image": loss_t2i,
+            "tau": tau,
+            "noise_diag_scale": global_mean(noise.diag_scale.mean(axis=-1), axis_names),
+            "noise_factor_norm": global_mean(
+                jnp.sqrt(jnp.sum(noise.factors**2, axis=(-2, -1))), axis_names
+            ),
+            **logit_statistics(images, texts, scale, 0.0, axis_names),
+        }
+        return (loss_i2t + loss_t2i) / 2, metrics
+
+    def _per_sample_log_likelihoods(self, operands, example_ids, key, sample_ids, *, axis_names):
+        """f32[C, 2, b]: per-sample image->text and text->image log-likelihoods of the pairs."""
+        images, texts, all_texts, noise, tau = operands
+        noisy = images + sample_prelogit_noise(
+            noise, key, sample_ids, self.share_samples_across_batch, example_ids
+        )
+        if self.renormalize:
+            noisy = noisy / jnp.linalg.norm(noisy, axis=-1, keepdims=True)
+        scale = 1.0 / tau
+        positive = scale * jnp.sum(noisy * texts, axis=-1)  # [C, b]
+
+        def chunk_fn(row_total, dots, valid, _):
+            logits = jnp.where(valid, scale * dots, -jnp.inf)  # [C, b, c]
+            row_total = jnp.logaddexp(row_total, jax.nn.logsumexp(logits, axis=-1))
+            # This device's rows' share of each column's log-sum-exp.
+            return row_total, jax.nn.logsumexp(logits, axis=-2)
+
+        initial = jnp.full_like(positive, -jnp.inf)
+        row_total, column_chunks = scan_column_chunks(
+            noisy, all_texts, self.column_chunk_size, chunk_fn, initial
+        )
+        num_columns = all_texts.shape[0]
+        # [n, C, c] -> [C, n * c] -> drop padding -> [C, B]
+        column_partial = jnp.moveaxis(column_chunks, 0, 1).reshape(positive.shape[0], -1)
+        column_total = logsumexp_across(column_partial[:, :num_columns], axis_names, 1)
+        return jnp.stack([positive - row_total, positive - column_total], axis=1)

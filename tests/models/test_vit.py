@@ -1,0 +1,307 @@
+"""ViT image tower: sizes, parameter counts, a plain numpy reference forward, layouts, dtypes."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import towers, vit
+
+# (width, depth, mlp_dim, num_heads) as published in big_vision's decode_variant.
+PUBLISHED_SIZES = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+    "e": (1792, 56, 15360, 16),
+}
+
+
+def expected_param_count(width, depth, mlp_dim, patch, num_patches, pool, posemb="learn"):
+    """Parameter count written out layer by layer, independently of the module code."""
+    dense = lambda n_in, n_out: n_in * n_out + n_out  # noqa: E731
+    layer_norm = 2 * width
+    attention = 4 * dense(width, width)  # query, key, value, out
+    mlp = dense(width, mlp_dim) + dense(mlp_dim, width)
+    block = 2 * layer_norm + attention + mlp
+    total = patch * patch * 3 * width + width  # patch embedding conv
+    total += num_patches * width if posemb == "learn" else 0
+    total += width if pool == "tok" else 0
+    total += depth * block + layer_norm  # blocks and encoder_norm
+    if pool == "map":
+        total += width + attention + layer_norm + mlp  # probe, attention, LayerNorm, MLP
+    return total
+
+
+def count(tree) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def test_decode_variant_matches_published_table():
+    for name, (width, depth, mlp_dim, heads) in PUBLISHED_SIZES.items():
+        assert vit.decode_variant(name) == dict(
+            width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads
+        )
+    assert vit.decode_variant("L/14")["patch_size"] == (14, 14)
+    assert vit.decode_variant(None) == {}
+    with pytest.raises(ValueError, match="known sizes"):
+        vit.decode_variant("XL/16")
+    with pytest.raises(ValueError, match="patch size"):
+        vit.decode_variant("B/x")
+
+
+def test_vit_b16_parameter_count_is_exact():
+    model = vit.Model(variant="B/16", pool_type="tok")
+    images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    # 196 position embeddings (added before the class token is prepended). The original ViT /
+    # timm layout also gives the class token a position embedding: 85,798,656 = this + 768.
+    assert count(params) == 85_797_888
+    assert count(params) == expected_param_count(768, 12, 3072, 16, 196, "tok")
+    assert params["pos_embedding"].shape == (1, 196, 768)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_SIZES))
+def test_every_variant_shapes_dtypes_and_count(name):
+    width, depth, mlp_dim, _ = PUBLISHED_SIZES[name]
+    # Scan keeps tracing cost independent of depth; nothing is allocated under eval_shape.
+    model = vit.Model(variant=f"{name}/16", pool_type="map", scan=True)
+    images = jax.ShapeDtypeStruct((2, 32, 48, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    assert count(variables) == expected_param_count(width, depth, mlp_dim, 16, 6, "map")
+    features, aux = jax.eval_shape(model.apply, variables, images)
+    assert features.shape == (2, width) and features.dtype == jnp.float32
+    assert aux["encoded_2d"].shape == (2, 2, 3, width)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain numpy reference of the forward pass, reading the parameters by their big_vision names.
+
+
+def np_layer_norm(x, p, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def np_gelu(x):  # tanh approximation, flax's default
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def np_attention(q_in, kv_in, p, key_mask=None):
+    q = np.einsum("bld,dhk->blhk", q_in, p["query"]["kernel"]) + p["query"]["bias"]
+    k = np.einsum("bld,dhk->blhk", kv_in, p["key"]["kernel"]) + p["key"]["bias"]
+    v = np.einsum("bld,dhk->blhk", kv_in, p["value"]["kernel"]) + p["value"]["bias"]
+    logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
+    if key_mask is not None:
+        logits = np.where(key_mask[:, None, None, :], logits, -1e30)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    out = np.einsum("bhqs,bshk->bqhk", weights, v)
+    return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def np_mlp(x, p):
+    hidden = np_gelu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+    return hidden @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+
+def np_encoder(x, p, depth, key_mask=None):
+    for i in range(depth):
+        b = p[f"encoderblock_{i}"]
+        y = np_layer_norm(x, b["LayerNorm_0"])
+        x = x + np_attention(y, y, b["MultiHeadDotProductAttention_0"], key_mask)
+        x = x + np_mlp(np_layer_norm(x, b["LayerNorm_1"]), b["MlpBlock_0"])
+    return np_layer_norm(x, p["encoder_norm"])
+
+
+def np_map_head(x, p, key_mask=None):
+    probe = np.tile(p["probe"], (x.shape[0], 1, 1))
+    y = np_attention(probe, x, p["MultiHeadDotProductAttention_0"], key_mask)
+    return (y + np_mlp(np_layer_norm(y, p["LayerNorm_0"]), p["MlpBlock_0"]))[:, 0]
+
+
+def np_sincos_posemb(h, w, dim):
+    quarter = dim // 4
+    table = np.zeros((h * w, dim))
+    for row in range(h):
+        for col in range(w):
+            for i in range(quarter):
+                omega = 10_000.0 ** (-i / (quarter - 1))
+                token = row * w + col
+                table[token, i] = math.sin(col * omega)
+                table[token, quarter + i] = math.cos(col * omega)
+                table[token, 2 * quarter + i] = math.sin(row * omega)
+                table[token, 3 * quarter + i] = math.cos(row * omega)
+    return table[None]
+
+
+def np_vit(params, images, patch, depth, pool, posemb):
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    batch, height, width, channels = images.shape
+    gh, gw = height // patch, width // patch
+    patches = images.reshape(batch, gh, patch, gw, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(batch, gh * gw, patch * patch * channels)
+    kernel = p["embedding"]["kernel"].reshape(patch * patch * channels, -1)
+    x = patches @ kernel + p["embedding"]["bias"]
+    table = p["pos_embedding"] if posemb == "learn" else np_sincos_posemb(gh, gw, x.shape[-1])
+    x = x + table
+    if pool == "tok":
+        x = np.concatenate([np.tile(p["cls"], (batch, 1, 1)), x], axis=1)
+    x = np_encoder(x, p["Transformer"], depth)
+    if pool == "tok":
+        return x[:, 0]
+    if pool == "gap":
+        return x.mean(1)
+    return np_map_head(x, p["MAPHead_0"])
+
+
+TINY = dict(variant="mu/4", depth=2)
+
+
+def tiny_images(batch=2, size=12, seed=0):
+    return jax.random.uniform(jax.random.key(seed), (batch, size, size, 3), minval=-1, maxval=1)
+
+
+@pytest.mark.parametrize("posemb", ["learn", "sincos2d"])
+@pytest.mark.parametrize("pool", ["tok", "gap", "map"])
+def test_forward_matches_numpy_reference(pool, posemb):
+    model = vit.Model(**TINY, pool_type=pool, posemb=posemb)
+    images = tiny_images()
+    params = model.init(jax.random.key(1), images)["params"]
+    # Random non-zero class token: the zeros init would hide a wrong cls position.
+    if pool == "tok":
+        params = {**params, "cls": jax.random.normal(jax.random.key(2), params["cls"].shape)}
+    features, aux = model.apply({"params": params}, images)
+    expected = np_vit(params, np.asarray(images, np.float64), 4, 2, pool, posemb)
+    assert features.shape == (2, 32) and features.dtype == jnp.float32
+    np.testing.assert_allclose(features, expected, atol=2e-5, rtol=2e-5)
+    assert aux["encoded"].shape == (2, 9, 32)  # class token removed
+    assert ("pos_embedding" in params) == (posemb == "learn")
+    assert ("cls" in params) == (pool == "tok")
+    assert ("MAPHead_0" in params) == (pool == "map")
+
+
+def test_head_projects_and_is_zero_initialised():
+    model = vit.Model(7, **TINY, pool_type="gap")
+    images = tiny_images()
+    variables = model.init(jax.random.key(0), images)
+    features, aux = model.apply(variables, images)
+    assert features.shape == (2, 7)
+    np.testing.assert_array_equal(
+        features, np.broadcast_to(variables["params"]["head"]["bias"], (2, 7))
+    )
+    kernel = jax.random.normal(jax.random.key(3), (32, 7))
+    params = {**variables["params"], "head": {"kernel": kernel, "bias": jnp.zeros(7)}}
+    projected, _ = model.apply({"params": params}, images)
+    np.testing.assert_allclose(projected, aux["pre_logits"] @ kernel, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["tok", "map"])
+def test_scan_and_python_loop_agree(pool):
+    images = tiny_images()
+    loop_model = vit.Model(**TINY, pool_type=pool)
+    scan_model = vit.Model(**TINY, pool_type=pool, scan=True)
+    loop_params = loop_model.init(jax.random.key(0), images)["params"]
+    scan_params = vit.pyloop_to_scan(loop_params)
+    kernel = scan_params["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    assert kernel.shape == (2, 32, 128)
+    # The converted tree has exactly the structure the scan model initialises.
+    scan_init = jax.eval_shape(scan_model.init, jax.random.key(0), images)["params"]
+    assert jax.tree.structure(scan_init) == jax.tree.structure(scan_params)
+    loop_out, _ = loop_model.apply({"params": loop_params}, images)
+    scan_out, _ = scan_model.apply({"params": scan_params}, images)
+    np.testing.assert_allclose(scan_out, loop_out, atol=1e-5, rtol=1e-5)
+    back = vit.scan_to_pyloop(scan_params)
+    jax.tree.map(np.testing.assert_array_equal, back, loop_params)
+
+
+def test_scan_gradients_match_python_loop():
+    images = tiny_images()
+    loop_model = vit.Model(**TINY, pool_type="gap")
+    scan_model = vit.Model(**TINY, pool_type="gap", scan=True, remat_policy="nothing_saveable")
+    params = loop_model.init(jax.random.key(0), images)["params"]
+
+    def loss(model, p):
+        return jnp.sum(model.apply({"params": p}, images)[0] ** 2)
+
+    loop_grads = jax.grad(lambda p: loss(loop_model, p))(params)
+    scan_grads = jax.grad(lambda p: loss(scan_model, p))(vit.pyloop_to_scan(params))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+        vit.scan_to_pyloop(scan_grads),
+        loop_grads,
+    )
+
+
+def _all_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_eqns(inner)
+
+
+def test_bfloat16_matmuls_with_float32_params_and_output():
+    images = tiny_images()
+    model_f32 = vit.Model(**TINY, pool_type="map")
+    model_bf16 = vit.Model(**TINY, pool_type="map", dtype_mm="bfloat16")
+    variables = model_f32.init(jax.random.key(0), images)
+    bf16_init = model_bf16.init(jax.random.key(0), images)
+    assert {leaf.dtype for leaf in jax.tree.leaves(bf16_init)} == {jnp.dtype(jnp.float32)}
+
+    jaxpr = jax.make_jaxpr(lambda v, x: model_bf16.apply(v, x)[0])(variables, images)
+    contractions = [
+        e
+        for e in _all_eqns(jaxpr.jaxpr)
+        if e.primitive.name in ("dot_general", "conv_general_dilated")
+    ]
+    assert len(contractions) > 10
+    for eqn in contractions:
+        assert all(v.aval.dtype == jnp.bfloat16 for v in eqn.invars), eqn
+
+    out_f32, _ = model_f32.apply(variables, images)
+    out_bf16, _ = model_bf16.apply(variables, images)
+    assert out_bf16.dtype == jnp.float32
+    np.testing.assert_allclose(out_bf16, out_f32, atol=0.1, rtol=0.1)
+    assert not np.array_equal(out_bf16, out_f32)
+
+
+def test_dropout_only_in_training():
+    images = tiny_images()
+    model = vit.Model(**TINY, pool_type="gap", dropout=0.5)
+    variables = model.init(jax.random.key(0), images)
+    eval_a, _ = model.apply(variables, images)
+    no_dropout, _ = vit.Model(**TINY, pool_type="gap").apply(variables, images)
+    np.testing.assert_array_equal(eval_a, no_dropout)
+    train_1, _ = model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(1)})
+    train_2, _ = model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(train_1, eval_a) and not np.allclose(train_1, train_2)
+
+
+def test_invalid_configurations_fail_clearly():
+    images = tiny_images(size=10)  # not a multiple of the patch size 4
+    with pytest.raises(ValueError, match="not a multiple of patch size"):
+        vit.Model(**TINY).init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="pool_type"):
+        vit.Model(**TINY, pool_type="cls").init(jax.random.key(0), tiny_images())
+    with pytest.raises(ValueError, match="posemb"):
+        vit.Model(**TINY, posemb="rope").init(jax.random.key(0), tiny_images())
+
+
+def test_tower_registry():
+    assert set(towers.TOWERS) == {"vit", "text_transformer", "bert_minilm"}
+    tower = towers.build_tower("vit", 5, variant="mu/4", depth=1)
+    assert isinstance(tower, vit.ViT) and tower.num_classes == 5 and tower.width == 32
+    with pytest.raises(KeyError, match="known towers: \\['bert_minilm', 'text_transformer', 'vit'"):
+        towers.get_tower("resnet")
