@@ -31,8 +31,12 @@ class ClipLoss:
         scale = 1.0 / outputs["tau"]
         positive = scale * jnp.sum(images * texts, axis=-1)
         chunk = self.column_chunk_size
-        image_to_text = positive - row_logsumexp(images, gather_batch(texts, axis_names), scale, chunk)
-        text_to_image = positive - row_logsumexp(texts, gather_batch(images, axis_names), scale, chunk)
+        image_to_text = positive - row_logsumexp(
+            images, gather_batch(texts, axis_names), scale, chunk
+        )
+        text_to_image = positive - row_logsumexp(
+            texts, gather_batch(images, axis_names), scale, chunk
+        )
         loss_i2t = -global_mean(image_to_text, axis_names)
         loss_t2i = -global_mean(text_to_image, axis_names)
         metrics = {

@@ -6,7 +6,8 @@ against all B texts with temperature tau, that gives two per-sample log-likeliho
 pair (HETXL.md sections 1 and 5):
     image -> text: log softmax_j(<x_is, t_j> / tau)[i]   (a row of the B x B matrix)
     text -> image: log softmax_k(<x_ks, t_i> / tau)[i]   (a column: over all noisy images)
-Each is averaged over samples as probabilities, log (1/S) sum_s exp(.), and the loss is minus
+With text_noise (model option), the text side is noisy too and text -> image becomes the row-wise
+softmax of each noisy text against all images. Each is averaged over samples as probabilities, log (1/S) sum_s exp(.), and the loss is minus
 their mean. Each device holds its local noisy images as rows against all gathered texts; the
 column log-sum-exp of the text -> image direction is combined across devices in log space
 (`logsumexp_across`) instead of gathering S sets of noisy image embeddings.
@@ -29,6 +30,7 @@ from contrastive.losses.sharding import (
     batch_offset,
     gather_batch,
     logsumexp_across,
+    row_logsumexp,
     scan_column_chunks,
 )
 from models.heteroscedastic import log_mean_exp_over_samples, sample_prelogit_noise
@@ -54,16 +56,17 @@ class HetXLLoss:
 
     def __call__(self, outputs: dict, rng: jax.Array, axis_names: AxisNames):
         images, texts = outputs["image_embedding"], outputs["text_embedding"]
-        noise, tau = outputs["noise"], outputs["tau"]
+        noise, text_noise, tau = outputs["noise"], outputs.get("text_noise"), outputs["tau"]
         if noise is None:
             raise ValueError("the HET-XL loss needs the model's image noise parameters ('noise')")
         local_batch = images.shape[0]
         example_ids = batch_offset(axis_names, local_batch) + jnp.arange(local_batch)
         all_texts = gather_batch(texts, axis_names)
+        all_images = None if text_noise is None else gather_batch(images, axis_names)
         sample_fn = functools.partial(self._per_sample_log_likelihoods, axis_names=axis_names)
         log_lik = log_mean_exp_over_samples(
             sample_fn,
-            (images, texts, all_texts, noise, tau),
+            (images, texts, all_texts, noise, tau, text_noise, all_images),
             example_ids,
             rng,
             self.num_samples,
@@ -84,16 +87,37 @@ class HetXLLoss:
         }
         return (loss_i2t + loss_t2i) / 2, metrics
 
-    def _per_sample_log_likelihoods(self, operands, example_ids, key, sample_ids, *, axis_names):
-        """f32[C, 2, b]: per-sample image->text and text->image log-likelihoods of the pairs."""
-        images, texts, all_texts, noise, tau = operands
-        noisy = images + sample_prelogit_noise(
+    def _noisy(self, embeddings, noise, key, sample_ids, example_ids):
+        """Noisy copies f32[C, b, D] of unit embeddings f32[b, D], one per sample id."""
+        noisy = embeddings + sample_prelogit_noise(
             noise, key, sample_ids, self.share_samples_across_batch, example_ids
         )
         if self.renormalize:
             noisy = noisy / jnp.linalg.norm(noisy, axis=-1, keepdims=True)
+        return noisy
+
+    def _per_sample_log_likelihoods(self, operands, example_ids, key, sample_ids, *, axis_names):
+        """f32[C, 2, b]: per-sample image->text and text->image log-likelihoods of the pairs.
+
+        Image draws use `key` itself; text draws (text_noise) use fold_in(key, 1) on top of the
+        per-sample, per-example folds, so the two sides' noise is independent.
+        """
+        images, texts, all_texts, noise, tau, text_noise, all_images = operands
         scale = 1.0 / tau
-        positive = scale * jnp.sum(noisy * texts, axis=-1)  # [C, b]
+        noisy_images = self._noisy(images, noise, key, sample_ids, example_ids)
+        positive = scale * jnp.sum(noisy_images * texts, axis=-1)  # [C, b]
+        if text_noise is not None:
+            # Both sides noisy: each direction is a row-wise softmax of its own noisy rows.
+            image_to_text = positive - row_logsumexp(
+                noisy_images, all_texts, scale, self.column_chunk_size
+            )
+            text_key = jax.random.fold_in(key, 1)
+            noisy_texts = self._noisy(texts, text_noise, text_key, sample_ids, example_ids)
+            text_positive = scale * jnp.sum(noisy_texts * images, axis=-1)
+            text_to_image = text_positive - row_logsumexp(
+                noisy_texts, all_images, scale, self.column_chunk_size
+            )
+            return jnp.stack([image_to_text, text_to_image], axis=1)
 
         def chunk_fn(row_total, dots, valid, _):
             logits = jnp.where(valid, scale * dots, -jnp.inf)  # [C, b, c]
@@ -103,7 +127,7 @@ class HetXLLoss:
 
         initial = jnp.full_like(positive, -jnp.inf)
         row_total, column_chunks = scan_column_chunks(
-            noisy, all_texts, self.column_chunk_size, chunk_fn, initial
+            noisy_images, all_texts, self.column_chunk_size, chunk_fn, initial
         )
         num_columns = all_texts.shape[0]
         # [n, C, c] -> [C, n * c] -> drop padding -> [C, B]

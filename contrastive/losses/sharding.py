@@ -93,7 +93,10 @@ def logsumexp_across(
     shift = jax.lax.pmax(jax.lax.stop_gradient(partial_logsumexp), axis_names)
     shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
     summed = jax.lax.psum_scatter(
-        jnp.exp(partial_logsumexp - shift), axis_names, scatter_dimension=scatter_dimension, tiled=True
+        jnp.exp(partial_logsumexp - shift),
+        axis_names,
+        scatter_dimension=scatter_dimension,
+        tiled=True,
     )
     local = summed.shape[scatter_dimension]
     index = jax.lax.axis_index(axis_names) * local

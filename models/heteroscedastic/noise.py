@@ -8,6 +8,7 @@ section 2 for the parameterisation and section 6 for the facts the tests pin.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -32,6 +33,10 @@ class NoiseConfig:
       train_samples, eval_samples: Monte-Carlo samples S in training and evaluation.
       share_samples_across_batch: one set of standard-normal draws for the whole batch.
       sample_chunk_size: samples evaluated at once; peak memory depends on it, not on S.
+      diag_scale_init: initial d(x) for zero input (sets the diag bias); None: bias 0, d ~ 0.69.
+      kernel_init_scale: multiplies the standard deviation of the noise layers' initial kernels.
+        Contrastive models start with unit-norm embeddings: small initial noise (e.g. scale 0.01
+        and diag_scale_init 0.01) lets the deterministic part learn first.
     """
 
     num_factors: int = 10
@@ -42,6 +47,8 @@ class NoiseConfig:
     eval_samples: int = 16
     share_samples_across_batch: bool = False
     sample_chunk_size: int = 16
+    diag_scale_init: float | None = None
+    kernel_init_scale: float = 1.0
 
     def __post_init__(self):
         if self.diag_mode not in DIAG_MODES:
@@ -51,6 +58,10 @@ class NoiseConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_scale < 0:
             raise ValueError(f"min_scale must be >= 0, got {self.min_scale}")
+        if self.diag_scale_init is not None and self.diag_scale_init <= self.min_scale:
+            raise ValueError(
+                f"diag_scale_init {self.diag_scale_init} must exceed min_scale {self.min_scale}"
+            )
 
     def num_samples(self, train: bool) -> int:
         return self.train_samples if train else self.eval_samples
@@ -81,7 +92,8 @@ class NoiseParameters:
 
 
 class HeteroscedasticNoise(nn.Module):
-    """Maps features phi(x) f32[B, D] to NoiseParameters in an N-dim space.
+    """Maps features phi(x) f32[B, D] to NoiseParameters in an N-dim space (N = D if noise_dim
+    is None, the HET-XL case where the noise lives in the features' own space).
 
     Parameters (parameter-efficient form, 2*D*N + (R + 3)*N in all):
       diag_scale/{kernel,bias}: d(x) = softplus(phi W_d + b_d) + min_scale;
@@ -91,16 +103,29 @@ class HeteroscedasticNoise(nn.Module):
     V(x) = reshape(phi W_V + b_V, [N, R]).
     """
 
-    noise_dim: int
+    noise_dim: int | None = None
     config: NoiseConfig = NoiseConfig()
 
     @nn.compact
     def __call__(self, features: jax.Array) -> NoiseParameters:
         config = self.config
-        n, r = self.noise_dim, config.num_factors
-        diag_scale = jax.nn.softplus(nn.Dense(n, name="diag_scale")(features)) + config.min_scale
+        n = features.shape[-1] if self.noise_dim is None else self.noise_dim
+        r = config.num_factors
+        kernel_init = nn.initializers.variance_scaling(
+            config.kernel_init_scale**2, "fan_in", "truncated_normal"
+        )
+        diag_bias = 0.0
+        if config.diag_scale_init is not None:  # inverse softplus of the wanted initial scale
+            diag_bias = math.log(math.expm1(config.diag_scale_init - config.min_scale))
+        diag_layer = nn.Dense(
+            n,
+            kernel_init=kernel_init,
+            bias_init=nn.initializers.constant(diag_bias),
+            name="diag_scale",
+        )
+        diag_scale = jax.nn.softplus(diag_layer(features)) + config.min_scale
         if config.parameter_efficient:
-            factor_scale = nn.Dense(n, name="factor_scale")(features)
+            factor_scale = nn.Dense(n, kernel_init=kernel_init, name="factor_scale")(features)
             loadings = self.param(
                 "factor_loadings", nn.initializers.lecun_normal(), (r, n), jnp.float32
             )
@@ -108,7 +133,7 @@ class HeteroscedasticNoise(nn.Module):
             factors = factor_scale[:, :, None] * loadings.T[None, :, :]
             mean_shift = factor_scale * shift
         else:
-            flat = nn.Dense(n * r, name="factors")(features)
+            flat = nn.Dense(n * r, kernel_init=kernel_init, name="factors")(features)
             factors = flat.reshape(features.shape[:-1] + (n, r))
             mean_shift = None
         return NoiseParameters(

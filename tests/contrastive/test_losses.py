@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from contrastive.losses import make_loss, shard_loss
+from contrastive.xla_stats import compile_function, peak_bytes
 from models.heteroscedastic import NoiseParameters, standard_normal_draws
 
 DEVICES = 8
@@ -63,21 +64,33 @@ def dense_siglip(outputs, rng):
     return -jnp.sum(jax.nn.log_sigmoid(signs * (logits + outputs["bias"]))) / logits.shape[0]
 
 
+def dense_noisy(embeddings, noise, key, num_samples, renormalize, share):
+    """[S, B, D] noisy copies of [B, D] embeddings, noise drawn as the library documents."""
+    batch, dim, factors = noise.factors.shape
+    e_r, e_n = standard_normal_draws(key, jnp.arange(num_samples), batch, factors, dim, share)
+    e_r = jnp.broadcast_to(e_r, (num_samples, batch, factors))
+    e_n = jnp.broadcast_to(e_n, (num_samples, batch, dim))
+    eps = jnp.einsum("bdr,sbr->sbd", noise.factors, e_r) + noise.diag_scale * e_n
+    noisy = embeddings + eps + noise.mean_shift
+    return unit(noisy) if renormalize else noisy
+
+
 def dense_hetxl(num_samples, renormalize=False, share=False):
     def loss(outputs, rng):
-        images, texts, noise = outputs["image_embedding"], outputs["text_embedding"], outputs["noise"]
-        batch, dim, factors = noise.factors.shape
-        e_r, e_n = standard_normal_draws(rng, jnp.arange(num_samples), batch, factors, dim, share)
-        e_r = jnp.broadcast_to(e_r, (num_samples, batch, factors))
-        e_n = jnp.broadcast_to(e_n, (num_samples, batch, dim))
-        eps = jnp.einsum("bdr,sbr->sbd", noise.factors, e_r) + noise.diag_scale * e_n
-        noisy = images + eps + noise.mean_shift
-        if renormalize:
-            noisy = unit(noisy)
+        images, texts = outputs["image_embedding"], outputs["text_embedding"]
+        noisy = dense_noisy(images, outputs["noise"], rng, num_samples, renormalize, share)
         logits = jnp.einsum("sbd,kd->sbk", noisy, texts) / outputs["tau"]  # [S, images, texts]
-        diagonal = jnp.arange(batch)
+        diagonal = jnp.arange(images.shape[0])
         i2t = jax.nn.log_softmax(logits, axis=2)[:, diagonal, diagonal]
-        t2i = jax.nn.log_softmax(logits, axis=1)[:, diagonal, diagonal]
+        if outputs.get("text_noise") is None:
+            t2i = jax.nn.log_softmax(logits, axis=1)[:, diagonal, diagonal]
+        else:
+            text_key = jax.random.fold_in(rng, 1)
+            noisy_texts = dense_noisy(
+                texts, outputs["text_noise"], text_key, num_samples, renormalize, share
+            )
+            text_logits = jnp.einsum("sbd,kd->sbk", noisy_texts, images) / outputs["tau"]
+            t2i = jax.nn.log_softmax(text_logits, axis=2)[:, diagonal, diagonal]
         average = lambda lp: jax.nn.logsumexp(lp, axis=0) - jnp.log(num_samples)  # noqa: E731
         return -(average(i2t).mean() + average(t2i).mean()) / 2
 
@@ -99,7 +112,9 @@ def compare(mesh, loss, reference, outputs, rng=jax.random.key(3)):
     for path, ref_leaf in jax.tree_util.tree_leaves_with_path(ref_grads):
         got_leaf = dict(jax.tree_util.tree_leaves_with_path(grads))[path]
         scale = float(jnp.max(jnp.abs(ref_leaf)))
-        np.testing.assert_allclose(got_leaf, ref_leaf, rtol=1e-5, atol=1e-5 * scale, err_msg=str(path))
+        np.testing.assert_allclose(
+            got_leaf, ref_leaf, rtol=1e-5, atol=1e-5 * scale, err_msg=str(path)
+        )
     return value
 
 
@@ -126,17 +141,28 @@ def test_hetxl_matches_dense_reference(mesh, batch, samples, sample_chunk, colum
 @pytest.mark.parametrize("renormalize,share", [(True, False), (False, True)])
 def test_hetxl_options_match_dense_reference(mesh, renormalize, share):
     loss = make_loss(
-        "hetxl", num_samples=6, sample_chunk_size=4, column_chunk_size=7,
-        renormalize=renormalize, share_samples_across_batch=share,
+        "hetxl",
+        num_samples=6,
+        sample_chunk_size=4,
+        column_chunk_size=7,
+        renormalize=renormalize,
+        share_samples_across_batch=share,
     )
     compare(mesh, loss, dense_hetxl(6, renormalize, share), random_outputs(16))
 
 
+def test_hetxl_with_text_noise_matches_dense_reference(mesh):
+    outputs = random_outputs(16)
+    outputs["text_noise"] = random_outputs(16, seed=9)["noise"]
+    loss = make_loss("hetxl", num_samples=5, sample_chunk_size=2, column_chunk_size=6)
+    compare(mesh, loss, dense_hetxl(5), outputs)
+
+
 def test_hetxl_with_noise_at_the_floor_equals_clip(mesh):
     outputs = random_outputs(24)
-    clip_value = shard_loss(make_loss("clip"), mesh)(outputs, jax.random.key(0))[0]
+    clip_value = jax.jit(shard_loss(make_loss("clip"), mesh))(outputs, jax.random.key(0))[0]
     silent = outputs | {"noise": jax.tree.map(jnp.zeros_like, outputs["noise"])}
-    hetxl = shard_loss(make_loss("hetxl", num_samples=8), mesh)
+    hetxl = jax.jit(shard_loss(make_loss("hetxl", num_samples=8), mesh))
     np.testing.assert_allclose(hetxl(silent, jax.random.key(1))[0], clip_value, rtol=1e-6)
     floor = silent | {"noise": silent["noise"].replace(diag_scale=jnp.full((24, 6), 1e-3))}
     np.testing.assert_allclose(hetxl(floor, jax.random.key(1))[0], clip_value, rtol=1e-3)
@@ -146,7 +172,7 @@ def test_hetxl_with_noise_at_the_floor_equals_clip(mesh):
 
 def test_metrics_are_exact_global_statistics(mesh):
     outputs = random_outputs(16)
-    _, metrics = shard_loss(make_loss("siglip"), mesh)(outputs, jax.random.key(0))
+    _, metrics = jax.jit(shard_loss(make_loss("siglip"), mesh))(outputs, jax.random.key(0))
     logits = outputs["image_embedding"] @ outputs["text_embedding"].T / 0.2 - 1.5
     positive = np.diag(logits)
     negative = logits[~np.eye(16, dtype=bool)]
@@ -160,3 +186,47 @@ def test_unknown_loss_and_bad_option_are_named():
         make_loss("nope")
     with pytest.raises(ValueError, match="hetxl"):
         make_loss("hetxl", samples=3)
+
+
+# ------------------------------------------------------------------------------------------
+# Compiled memory (XLA's memory analysis of loss + gradient, per device).
+
+
+def loss_and_grad_peak_bytes(mesh, loss, local_batch, dim=32, factors=4):
+    batch = local_batch * DEVICES
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    struct = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)  # noqa: E731
+    outputs = {
+        "image_embedding": struct(batch, dim),
+        "text_embedding": struct(batch, dim),
+        "tau": jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
+        "noise": NoiseParameters(
+            struct(batch, dim, factors), struct(batch, dim), struct(batch, dim)
+        ),
+    }
+    sharded = shard_loss(loss, mesh)
+    rng = jax.random.key(0)
+    compiled = compile_function(jax.value_and_grad(lambda o: sharded(o, rng)[0]), outputs)
+    return peak_bytes(compiled)
+
+
+def test_hetxl_loss_memory_is_flat_in_samples(mesh):
+    def peak(samples):
+        loss = make_loss("hetxl", num_samples=samples, sample_chunk_size=8, column_chunk_size=64)
+        return loss_and_grad_peak_bytes(mesh, loss, local_batch=32)
+
+    small, large = peak(16), peak(128)
+    assert large <= 1.25 * small, (small, large)
+
+
+def test_hetxl_loss_memory_is_linear_in_the_per_device_batch(mesh):
+    def peak(local_batch):
+        loss = make_loss("hetxl", num_samples=16, sample_chunk_size=8, column_chunk_size=64)
+        return loss_and_grad_peak_bytes(mesh, loss, local_batch)
+
+    peaks = {b: peak(b) for b in (32, 128)}
+    # 4x the local batch (and so 4x the global batch): a [b, B] logit matrix would grow 16x.
+    assert peaks[128] <= 4.4 * peaks[32], peaks
+    dense_logits = 8 * 128 * (128 * DEVICES) * 4  # one chunk of samples' [C, b, B] float32 logits
+    assert peaks[128] < dense_logits, peaks

@@ -1,0 +1,132 @@
+"""The sharded train step: one jitted function over the mesh for every method.
+
+An *objective* maps (params, batch, rng) to (loss, metrics) on global arrays; `contrastive_objective`
+builds one from a two-tower model and a contrastive loss. `make_train_step` turns any objective and
+an optax optimizer into a jitted, state-donating update with global-norm metrics and a guard that
+skips an update whose loss or gradients are not finite (counted, never applied).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from contrastive.losses import shard_loss
+from contrastive.mesh import BATCH_AXES, batch_sharding, replicated, state_shardings
+
+Objective = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@struct.dataclass
+class TrainState:
+    """What a checkpoint holds (with the input position, kept by the trainer).
+
+    step: i32[], the number of updates applied or skipped so far.
+    rng: the base key; step t uses fold_in(rng, t), so a resumed run draws what the original would.
+    nonfinite_in_a_row: i32[], consecutive skipped (non-finite) updates.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    nonfinite_in_a_row: jax.Array
+
+
+def contrastive_objective(model: nn.Module, loss, mesh: Mesh) -> Objective:
+    """Two-tower forward (train mode) followed by a sharded contrastive loss."""
+    sharded_loss = shard_loss(loss, mesh, BATCH_AXES)
+
+    def objective(params, batch, rng):
+        dropout_rng, loss_rng = jax.random.split(rng)
+        outputs = model.apply(
+            {"params": params},
+            batch["image"],
+            batch["text"],
+            train=True,
+            rngs={"dropout": dropout_rng},
+        )
+        loss_value, metrics = sharded_loss(outputs, loss_rng)
+        metrics = dict(metrics)
+        metrics["image_norm"] = jnp.mean(outputs["image_norm"])
+        metrics["text_norm"] = jnp.mean(outputs["text_norm"])
+        return loss_value, metrics
+
+    return objective
+
+
+def init_train_state(
+    init_params: Callable[[jax.Array], Any],
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    mesh: Mesh,
+    min_fsdp_size: int = 2**12,
+) -> tuple[TrainState, Any]:
+    """Initialise params and optimizer state directly in their shardings; returns (state, shardings)."""
+    params_rng, state_rng = jax.random.split(rng)
+
+    def init(key):
+        params = init_params(key)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            rng=state_rng,
+            nonfinite_in_a_row=jnp.zeros((), jnp.int32),
+        )
+
+    shardings = state_shardings(jax.eval_shape(init, params_rng), mesh, min_fsdp_size)
+    return jax.jit(init, out_shardings=shardings)(params_rng), shardings
+
+
+def make_train_step(
+    objective: Objective,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    state_sharding: Any,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """jit(step)(state, batch) -> (state, metrics); the input state's buffers are donated."""
+
+    def step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params, batch, rng
+        )
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(  # noqa: E731
+            lambda n, o: jnp.where(finite, n, o), new, old
+        )
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            rng=state.rng,
+            nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+        )
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "param_norm": optax.tree.norm(new_state.params),
+            "update_norm": optax.tree.norm(updates),
+            "nonfinite": 1 - finite.astype(jnp.int32),
+        }
+        return new_state, metrics
+
+    batch_in = batch_sharding(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, batch_in),
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=0,
+    )
