@@ -1,7 +1,7 @@
 """The sharded train step: one jitted function over the mesh for every method.
 
-An *objective* maps (params, batch, rng) to (loss, metrics) on global arrays; `contrastive_objective`
-builds one from a two-tower model and a contrastive loss. `make_train_step` turns any objective and
+An *objective* maps (params, batch, rng) to (loss, metrics) on global arrays;
+`contrastive_objective` builds one from a two-tower model and a contrastive loss. `make_train_step` turns any objective and
 an optax optimizer into a jitted, state-donating update with global-norm metrics and a guard that
 skips an update whose loss or gradients are not finite (counted, never applied).
 """
@@ -69,7 +69,7 @@ def init_train_state(
     mesh: Mesh,
     min_fsdp_size: int = 2**12,
 ) -> tuple[TrainState, Any]:
-    """Initialise params and optimizer state directly in their shardings; returns (state, shardings)."""
+    """Params and optimizer state initialised in their shardings; returns (state, shardings)."""
     params_rng, state_rng = jax.random.split(rng)
 
     def init(key):

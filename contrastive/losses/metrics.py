@@ -1,4 +1,4 @@
-"""Diagnostics shared by the contrastive losses, exact over the global batch and O(B D) to compute."""
+"""Diagnostics shared by the contrastive losses: exact over the global batch, O(B D) to compute."""
 
 from __future__ import annotations
 

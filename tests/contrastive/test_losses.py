@@ -103,7 +103,8 @@ def assert_trees_close(got, expected, rtol=1e-5, atol=1e-7):
         np.testing.assert_allclose(other, leaf, rtol=rtol, atol=atol, err_msg=str(path))
 
 
-def compare(mesh, loss, reference, outputs, rng=jax.random.key(3)):
+def compare(mesh, loss, reference, outputs, seed=3):
+    rng = jax.random.key(seed)
     sharded = shard_loss(loss, mesh, "data")
     value, grads = jax.jit(jax.value_and_grad(lambda o: sharded(o, rng)[0]))(outputs)
     ref_value, ref_grads = jax.value_and_grad(lambda o: reference(o, rng))(outputs)
