@@ -1,9 +1,10 @@
 """The sharded train step: one jitted function over the mesh for every method.
 
 An *objective* maps (params, batch, rng) to (loss, metrics) on global arrays;
-`contrastive_objective` builds one from a two-tower model and a contrastive loss. `make_train_step` turns any objective and
-an optax optimizer into a jitted, state-donating update with global-norm metrics and a guard that
-skips an update whose loss or gradients are not finite (counted, never applied).
+`contrastive_objective` builds one from a two-tower model and a contrastive loss.
+`make_train_step` turns any objective and an optax optimizer into a jitted, state-donating update
+with global-norm metrics and a guard that skips an update whose loss or gradients are not finite
+(counted, never applied).
 """
 
 from __future__ import annotations

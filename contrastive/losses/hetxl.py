@@ -8,8 +8,10 @@ pair (HETXL.md sections 1 and 5):
     text -> image: log softmax_k(<x_ks, t_i> / tau)[i]   (a column: over all noisy images)
 With text_noise (a model option) the text side is noisy too, and text -> image becomes the
 row-wise softmax of each noisy text against all images. Each is averaged over samples as
-probabilities, log (1/S) sum_s exp(.), and the loss is minus their mean. Each device holds its local noisy images as rows against all gathered texts; the
-column log-sum-exp of the text -> image direction is combined across devices in log space
+probabilities, log (1/S) sum_s exp(.), and the loss is minus their mean.
+
+Each device holds its local noisy images as rows against all gathered texts; the column
+log-sum-exp of the text -> image direction is combined across devices in log space
 (`logsumexp_across`) instead of gathering S sets of noisy image embeddings.
 
 The sample reduction is the heteroscedastic module's `log_mean_exp_over_samples`: memory is that
