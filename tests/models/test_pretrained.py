@@ -1,5 +1,6 @@
 """big_vision-format ViT checkpoints: round trips, position-embedding resampling, old layouts,
-scan/loop conversion and the error messages for checkpoints that do not fit."""
+class-token position rows (original ViT vs big_vision layout), scan/loop conversion and the error
+messages for checkpoints that do not fit."""
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,12 @@ def make_params(image_size=16, seed=0, **overrides):
     return model, params
 
 
+def shapes(image_size=16, **overrides):
+    model = vit.Model(**{**TINY, **overrides})
+    images = jnp.zeros((1, image_size, image_size, 3))
+    return model, jax.eval_shape(model.init, jax.random.key(1), images)["params"]
+
+
 def flat(tree):
     return pretrained.flatten_params(tree)
 
@@ -37,6 +44,14 @@ def np_bilinear(grid, out_h, out_w):
         return np.take(array, low, axis) * (1 - frac) + np.take(array, high, axis) * frac
 
     return resize_axis(resize_axis(grid, out_h, 0), out_w, 1)
+
+
+def resized_table(table, class_rows, old_grid, new_grid):
+    """The class-token rows kept aside, the grid rows resized with `np_bilinear`."""
+    table = np.asarray(table)
+    grid = table[0, class_rows:].reshape(*old_grid, table.shape[-1])
+    resized = np_bilinear(grid, *new_grid).reshape(1, -1, table.shape[-1])
+    return np.concatenate([table[:, :class_rows], resized], axis=1)
 
 
 def test_npz_uses_big_vision_names(tmp_path):
@@ -65,15 +80,15 @@ def test_round_trip_at_same_resolution_is_exact(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 
-def test_round_trip_to_higher_resolution_resamples_position_embeddings(tmp_path):
-    _, params = make_params(image_size=16)  # 4 x 4 patches
+@pytest.mark.parametrize("posemb_cls", [True, False])
+def test_round_trip_to_higher_resolution_resamples_position_embeddings(tmp_path, posemb_cls):
+    _, params = make_params(image_size=16, posemb_cls=posemb_cls)  # 4 x 4 patches
     pretrained.save_vit_npz(tmp_path / "vit.npz", params)
-    model = vit.Model(**TINY)
-    target = jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, 24, 24, 3)))["params"]
-    loaded = pretrained.load_vit_npz(tmp_path / "vit.npz", target)  # 6 x 6 patches
+    model, target = shapes(image_size=24, posemb_cls=posemb_cls)  # 6 x 6 patches
+    loaded = pretrained.load_vit_npz(tmp_path / "vit.npz", target, posemb_cls=posemb_cls)
 
-    old_grid = np.asarray(params["pos_embedding"]).reshape(4, 4, 32)
-    expected = np_bilinear(old_grid, 6, 6).reshape(1, 36, 32)
+    expected = resized_table(params["pos_embedding"], int(posemb_cls), (4, 4), (6, 6))
+    assert expected.shape == (1, posemb_cls + 36, 32)
     np.testing.assert_allclose(loaded["pos_embedding"], expected, atol=1e-6)
     for name, value in flat(loaded).items():
         if name != "pos_embedding":
@@ -87,11 +102,15 @@ def test_non_square_grid_and_bicubic(tmp_path):
     pretrained.save_vit_npz(tmp_path / "vit.npz", params)
     model = vit.Model(**TINY)
     target = jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, 24, 16, 3)))["params"]
-    with pytest.raises(ValueError, match="posemb_grid"):
+    # 1 + 6 * 4 = 25 rows would also be a 5 x 5 grid without a class row.
+    assert target["pos_embedding"].shape == (1, 25, 32)
+    with pytest.raises(ValueError, match="not a square grid: pass posemb_grid"):
         pretrained.load_vit_npz(tmp_path / "vit.npz", target)
+    with pytest.raises(ValueError, match=r"posemb_grid=\(6, 4\) does not fit .* 25 rows \(0 for"):
+        pretrained.load_vit_npz(tmp_path / "vit.npz", target, posemb_grid=(6, 4), posemb_cls=False)
     loaded = pretrained.load_vit_npz(tmp_path / "vit.npz", target, posemb_grid=(6, 4))
-    expected = np_bilinear(np.asarray(params["pos_embedding"]).reshape(4, 4, 32), 6, 4)
-    np.testing.assert_allclose(loaded["pos_embedding"], expected.reshape(1, 24, 32), atol=1e-6)
+    expected = resized_table(params["pos_embedding"], 1, (4, 4), (6, 4))
+    np.testing.assert_allclose(loaded["pos_embedding"], expected, atol=1e-6)
 
     # Bicubic weights sum to one, so a constant table stays constant; a ramp is not preserved
     # exactly at the borders, which distinguishes it from bilinear.
@@ -119,8 +138,8 @@ def test_patch_size_change_resamples_grid_and_reinitialises_stem(tmp_path):
         pretrained.load_vit_npz(tmp_path / "vit.npz", init)
     loaded = pretrained.load_vit_npz(tmp_path / "vit.npz", init, dont_load=["embedding/.*"])
     np.testing.assert_array_equal(loaded["embedding"]["kernel"], init["embedding"]["kernel"])
-    expected = np_bilinear(np.asarray(params["pos_embedding"]).reshape(4, 4, 32), 8, 8)
-    np.testing.assert_allclose(loaded["pos_embedding"], expected.reshape(1, 64, 32), atol=1e-6)
+    expected = resized_table(params["pos_embedding"], 1, (4, 4), (8, 8))
+    np.testing.assert_allclose(loaded["pos_embedding"], expected, atol=1e-6)
     np.testing.assert_array_equal(loaded["cls"], params["cls"])
 
 
@@ -141,8 +160,9 @@ def test_checkpoint_layout_follows_the_model(tmp_path, save_scan):
 
 
 def test_original_vit_layout_is_converted(tmp_path):
-    """Pre-linen numbering, posemb under Transformer/posembed_input, and a [cls] posemb row."""
-    _, params = make_params()
+    """Pre-linen numbering, posemb under Transformer/posembed_input, and a [cls] posemb row
+    folded into `cls` for a big_vision-layout model."""
+    _, params = make_params(posemb_cls=False)
     cls_row = np.full((1, 1, 32), 0.5, np.float32)
     old = {}
     for name, value in flat(params).items():
@@ -159,11 +179,19 @@ def test_original_vit_layout_is_converted(tmp_path):
         old[name] = np.asarray(value)
     np.savez(tmp_path / "old.npz", **old)
 
-    loaded = pretrained.load_vit_npz(tmp_path / "old.npz", params)
+    loaded = pretrained.load_vit_npz(tmp_path / "old.npz", params, posemb_cls=False)
     expected = dict(flat(params))
     expected["cls"] = np.asarray(params["cls"]) + cls_row
     for name, value in flat(loaded).items():
         np.testing.assert_allclose(value, expected[name], atol=1e-7, err_msg=name)
+
+    # The default layout has a class row of its own: the table is taken as it is.
+    _, target = shapes()
+    loaded = pretrained.load_vit_npz(tmp_path / "old.npz", target)
+    np.testing.assert_array_equal(
+        loaded["pos_embedding"], old["Transformer/posembed_input/pos_embedding"]
+    )
+    np.testing.assert_array_equal(loaded["cls"], params["cls"])
 
 
 def test_replacing_a_classifier_head(tmp_path):
@@ -201,9 +229,25 @@ def test_checkpoints_that_do_not_fit_are_reported_by_name(tmp_path):
         pretrained.load_vit_npz(tmp_path / "vit.npz", wider, dont_load=["pos_embedding"])
     with pytest.raises(ValueError, match="'decoder/.\\*' matches no parameter"):
         pretrained.load_vit_npz(tmp_path / "vit.npz", params, dont_load=["decoder/.*"])
-    shapes = jax.eval_shape(lambda p: p, params)
+    param_shapes = jax.eval_shape(lambda p: p, params)
     with pytest.raises(ValueError, match="'cls' is kept from init_params"):
-        pretrained.load_vit_npz(tmp_path / "vit.npz", shapes, dont_load=["cls"])
+        pretrained.load_vit_npz(tmp_path / "vit.npz", param_shapes, dont_load=["cls"])
+
+
+def test_position_tables_that_do_not_fit_are_reported_by_name(tmp_path):
+    _, params = make_params()  # [cls] + 4 x 4
+    entries = {name: np.asarray(value) for name, value in flat(params).items()}
+    entries["pos_embedding"] = entries["pos_embedding"][:, :7]
+    np.savez(tmp_path / "odd.npz", **entries)
+    with pytest.raises(ValueError, match=r"Checkpoint pos_embedding \(1, 7, 32\) is neither"):
+        pretrained.load_vit_npz(tmp_path / "odd.npz", params)
+
+    pretrained.save_vit_npz(tmp_path / "vit.npz", params)
+    _, big_vision_target = shapes(image_size=24, posemb_cls=False)  # 6 x 6 = 36 rows
+    with pytest.raises(ValueError, match="36 rows .* pass posemb_grid.*or posemb_cls=False"):
+        pretrained.load_vit_npz(tmp_path / "vit.npz", big_vision_target)
+    with pytest.raises(ValueError, match=r"posemb_grid=\(5, 5\) does not fit .* 17 rows"):
+        pretrained.load_vit_npz(tmp_path / "vit.npz", params, posemb_grid=(5, 5))
 
 
 def test_bfloat16_params_are_saved_as_float32(tmp_path):
@@ -217,12 +261,74 @@ def test_bfloat16_params_are_saved_as_float32(tmp_path):
     assert loaded["cls"].dtype == jnp.bfloat16
 
 
-def test_non_square_table_that_fits_is_not_mistaken_for_a_class_token_row(tmp_path):
-    # 2 x 5 = 10 entries = 1 + 3 * 3: the old-layout heuristic must not fire when the table fits.
-    model = vit.Model(**TINY)
-    images = jnp.zeros((1, 8, 20, 3))
-    params = model.init(jax.random.key(0), images)["params"]
-    assert params["pos_embedding"].shape == (1, 10, 32)
+@pytest.mark.parametrize(
+    "posemb_cls, image_shape, grid, rows",
+    [
+        (False, (8, 20), (2, 5), 10),  # 2 x 5 = 1 + 3 * 3: not [cls] + a 3 x 3 grid
+        (True, (8, 16), (2, 4), 9),  # 1 + 2 * 4 = 3 * 3: not a 3 x 3 grid without [cls]
+    ],
+)
+def test_non_square_table_that_fits_is_taken_as_is(tmp_path, posemb_cls, image_shape, grid, rows):
+    # Conversions and resampling must not fire when the table already fits.
+    model = vit.Model(**TINY, posemb_cls=posemb_cls)
+    params = model.init(jax.random.key(0), jnp.zeros((1, *image_shape, 3)))["params"]
+    assert params["pos_embedding"].shape == (1, rows, 32)
     pretrained.save_vit_npz(tmp_path / "vit.npz", params)
-    loaded = pretrained.load_vit_npz(tmp_path / "vit.npz", params, posemb_grid=(2, 5))
-    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    for posemb_grid in (None, grid):
+        loaded = pretrained.load_vit_npz(
+            tmp_path / "vit.npz", params, posemb_cls=posemb_cls, posemb_grid=posemb_grid
+        )
+        jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+@pytest.mark.parametrize("source_cls", [True, False])
+def test_loading_across_layouts_at_the_same_grid_gives_the_same_network(tmp_path, source_cls):
+    source_model, source = make_params(posemb_cls=source_cls)
+    table, cls = np.asarray(source["pos_embedding"]), np.asarray(source["cls"])
+    if source_cls:  # a random class row, so that dropping it instead of folding it would show
+        assert not np.allclose(table[:, 0], 0)
+    pretrained.save_vit_npz(tmp_path / "vit.npz", source)
+    model, target = shapes(posemb_cls=not source_cls)
+    loaded = pretrained.load_vit_npz(tmp_path / "vit.npz", target, posemb_cls=not source_cls)
+
+    if source_cls:  # row 0 folded into the class token
+        np.testing.assert_allclose(loaded["cls"], cls + table[:, :1], atol=1e-7)
+        np.testing.assert_array_equal(loaded["pos_embedding"], table[:, 1:])
+    else:  # a class row of zeros
+        np.testing.assert_array_equal(loaded["cls"], cls)
+        np.testing.assert_array_equal(loaded["pos_embedding"][:, 0], np.zeros((1, 32)))
+        np.testing.assert_array_equal(loaded["pos_embedding"][:, 1:], table)
+    for name, value in flat(loaded).items():
+        if name not in ("cls", "pos_embedding"):
+            np.testing.assert_array_equal(value, flat(source)[name], err_msg=name)
+
+    images = jax.random.uniform(jax.random.key(4), (3, 16, 16, 3), minval=-1, maxval=1)
+    expected, _ = source_model.apply({"params": source}, images)
+    out, _ = model.apply({"params": loaded}, images)
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("source_cls", [True, False])
+def test_loading_across_layouts_with_resampling(tmp_path, source_cls):
+    _, source = make_params(image_size=16, posemb_cls=source_cls)  # 4 x 4 patches
+    table, cls = np.asarray(source["pos_embedding"]), np.asarray(source["cls"])
+    pretrained.save_vit_npz(tmp_path / "vit.npz", source)
+    model, target = shapes(image_size=24, posemb_cls=not source_cls)  # 6 x 6 patches
+    loaded = pretrained.load_vit_npz(tmp_path / "vit.npz", target, posemb_cls=not source_cls)
+
+    grid_rows = table[0, int(source_cls) :].reshape(4, 4, 32)
+    resized = np_bilinear(grid_rows, 6, 6).reshape(1, 36, 32)
+    if source_cls:  # the class row is not resampled: it is folded into the class token
+        expected_table, expected_cls = resized, cls + table[:, :1]
+    else:
+        expected_table, expected_cls = np.concatenate([np.zeros((1, 1, 32)), resized], 1), cls
+    np.testing.assert_allclose(loaded["pos_embedding"], expected_table, atol=1e-6)
+    np.testing.assert_allclose(loaded["cls"], expected_cls, atol=1e-7)
+
+    # The same network as the source layout resampled in place, the class row kept aside.
+    same_layout_model = vit.Model(**TINY, posemb_cls=source_cls)
+    same_layout = {**source, "pos_embedding": resized_table(table, int(source_cls), (4, 4), (6, 6))}
+    images = jax.random.uniform(jax.random.key(4), (3, 24, 24, 3), minval=-1, maxval=1)
+    expected, _ = same_layout_model.apply({"params": same_layout}, images)
+    out, _ = model.apply({"params": loaded}, images)
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)

@@ -25,7 +25,9 @@ PUBLISHED_SIZES = {
 }
 
 
-def expected_param_count(width, depth, mlp_dim, patch, num_patches, pool, posemb="learn"):
+def expected_param_count(
+    width, depth, mlp_dim, patch, num_patches, pool, posemb="learn", posemb_cls=True
+):
     """Parameter count written out layer by layer, independently of the module code."""
     dense = lambda n_in, n_out: n_in * n_out + n_out  # noqa: E731
     layer_norm = 2 * width
@@ -33,7 +35,8 @@ def expected_param_count(width, depth, mlp_dim, patch, num_patches, pool, posemb
     mlp = dense(width, mlp_dim) + dense(mlp_dim, width)
     block = 2 * layer_norm + attention + mlp
     total = patch * patch * 3 * width + width  # patch embedding conv
-    total += num_patches * width if posemb == "learn" else 0
+    class_row = pool == "tok" and posemb_cls  # the class token's own position embedding
+    total += (class_row + num_patches) * width if posemb == "learn" else 0
     total += width if pool == "tok" else 0
     total += depth * block + layer_norm  # blocks and encoder_norm
     if pool == "map":
@@ -58,14 +61,26 @@ def test_decode_variant_matches_published_table():
         vit.decode_variant("B/x")
 
 
-def test_vit_b16_parameter_count_is_exact():
-    model = vit.Model(variant="B/16", pool_type="tok")
+def b16_params(**kwargs):
+    model = vit.Model(variant="B/16", pool_type="tok", **kwargs)
     images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-    params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
-    # 196 position embeddings (added before the class token is prepended). The original ViT /
-    # timm layout also gives the class token a position embedding: 85,798,656 = this + 768.
-    assert count(params) == 85_797_888
+    return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+
+
+def test_vit_b16_parameter_count_is_exact():
+    # Original ViT / timm / open_clip layout (the default): the class token has its own position
+    # embedding, 1 + 14 * 14 = 197 rows.
+    params = b16_params()
+    assert count(params) == 85_798_656
     assert count(params) == expected_param_count(768, 12, 3072, 16, 196, "tok")
+    assert params["pos_embedding"].shape == (1, 197, 768)
+
+
+def test_vit_b16_parameter_count_in_big_vision_layout():
+    # 196 position embeddings, added before the class token is prepended: 768 fewer.
+    params = b16_params(posemb_cls=False)
+    assert count(params) == 85_797_888
+    assert count(params) == expected_param_count(768, 12, 3072, 16, 196, "tok", posemb_cls=False)
     assert params["pos_embedding"].shape == (1, 196, 768)
 
 
@@ -144,7 +159,7 @@ def np_sincos_posemb(h, w, dim):
     return table[None]
 
 
-def np_vit(params, images, patch, depth, pool, posemb):
+def np_vit(params, images, patch, depth, pool, posemb, posemb_cls=True):
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     batch, height, width, channels = images.shape
     gh, gw = height // patch, width // patch
@@ -153,9 +168,14 @@ def np_vit(params, images, patch, depth, pool, posemb):
     kernel = p["embedding"]["kernel"].reshape(patch * patch * channels, -1)
     x = patches @ kernel + p["embedding"]["bias"]
     table = p["pos_embedding"] if posemb == "learn" else np_sincos_posemb(gh, gw, x.shape[-1])
-    x = x + table
-    if pool == "tok":
+    if pool == "tok" and posemb == "learn" and posemb_cls:
+        # Class token first, then one table row per token, row 0 for the class token.
         x = np.concatenate([np.tile(p["cls"], (batch, 1, 1)), x], axis=1)
+        x = x + table
+    else:
+        x = x + table
+        if pool == "tok":
+            x = np.concatenate([np.tile(p["cls"], (batch, 1, 1)), x], axis=1)
     x = np_encoder(x, p["Transformer"], depth)
     if pool == "tok":
         return x[:, 0]
@@ -171,23 +191,71 @@ def tiny_images(batch=2, size=12, seed=0):
     return jax.random.uniform(jax.random.key(seed), (batch, size, size, 3), minval=-1, maxval=1)
 
 
-@pytest.mark.parametrize("posemb", ["learn", "sincos2d"])
-@pytest.mark.parametrize("pool", ["tok", "gap", "map"])
-def test_forward_matches_numpy_reference(pool, posemb):
-    model = vit.Model(**TINY, pool_type=pool, posemb=posemb)
+@pytest.mark.parametrize(
+    "pool, posemb, posemb_cls",
+    [
+        ("tok", "learn", True),
+        ("tok", "learn", False),
+        ("tok", "sincos2d", True),
+        ("gap", "learn", True),
+        ("gap", "sincos2d", True),
+        ("map", "learn", True),
+        ("map", "sincos2d", True),
+    ],
+)
+def test_forward_matches_numpy_reference(pool, posemb, posemb_cls):
+    model = vit.Model(**TINY, pool_type=pool, posemb=posemb, posemb_cls=posemb_cls)
     images = tiny_images()
     params = model.init(jax.random.key(1), images)["params"]
     # Random non-zero class token: the zeros init would hide a wrong cls position.
     if pool == "tok":
         params = {**params, "cls": jax.random.normal(jax.random.key(2), params["cls"].shape)}
     features, aux = model.apply({"params": params}, images)
-    expected = np_vit(params, np.asarray(images, np.float64), 4, 2, pool, posemb)
+    expected = np_vit(params, np.asarray(images, np.float64), 4, 2, pool, posemb, posemb_cls)
     assert features.shape == (2, 32) and features.dtype == jnp.float32
     np.testing.assert_allclose(features, expected, atol=2e-5, rtol=2e-5)
     assert aux["encoded"].shape == (2, 9, 32)  # class token removed
     assert ("pos_embedding" in params) == (posemb == "learn")
+    if posemb == "learn":
+        class_row = pool == "tok" and posemb_cls
+        assert params["pos_embedding"].shape == (1, class_row + 9, 32)
     assert ("cls" in params) == (pool == "tok")
     assert ("MAPHead_0" in params) == (pool == "map")
+
+
+def test_class_token_posemb_row_is_the_only_difference_between_layouts():
+    """A class row of zeros is big_vision's layout; any class row folds into `cls`."""
+    images = tiny_images()
+    model = vit.Model(**TINY, pool_type="tok")
+    bv_model = vit.Model(**TINY, pool_type="tok", posemb_cls=False)
+    params = model.init(jax.random.key(1), images)["params"]
+    params = {**params, "cls": jax.random.normal(jax.random.key(2), (1, 1, 32))}
+    table = params["pos_embedding"]
+    assert not np.allclose(table[:, 0], 0)
+    out, _ = model.apply({"params": params}, images)
+
+    folded = {**params, "cls": params["cls"] + table[:, :1], "pos_embedding": table[:, 1:]}
+    bv_out, _ = bv_model.apply({"params": folded}, images)
+    np.testing.assert_allclose(bv_out, out, atol=1e-5, rtol=1e-5)
+    # Dropping the class row without folding it changes the class token's input.
+    unfolded = {**folded, "cls": params["cls"]}
+    assert not np.allclose(bv_model.apply({"params": unfolded}, images)[0], out, atol=1e-3)
+
+
+@pytest.mark.parametrize("pool, posemb", [("gap", "learn"), ("map", "learn"), ("tok", "sincos2d")])
+def test_posemb_cls_has_no_effect_without_class_token_or_learned_table(pool, posemb):
+    images = tiny_images()
+    with_flag = vit.Model(**TINY, pool_type=pool, posemb=posemb, posemb_cls=True)
+    without = vit.Model(**TINY, pool_type=pool, posemb=posemb, posemb_cls=False)
+    params = with_flag.init(jax.random.key(1), images)["params"]
+    jax.tree.map(
+        np.testing.assert_array_equal, without.init(jax.random.key(1), images)["params"], params
+    )
+    if pool == "tok":  # a non-zero class token, so that its handling shows in the output
+        params = {**params, "cls": jax.random.normal(jax.random.key(2), (1, 1, 32))}
+    np.testing.assert_array_equal(
+        with_flag.apply({"params": params}, images)[0], without.apply({"params": params}, images)[0]
+    )
 
 
 def test_head_projects_and_is_zero_initialised():

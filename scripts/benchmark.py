@@ -1,0 +1,118 @@
+"""Benchmarks, printed as JSON: wall-clock medians and XLA's compiled peak memory.
+
+    python -m scripts.benchmark loss --batch 1024 --dim 512 --samples 16 64 [--json]
+
+`loss`: value and gradient of each contrastive loss (clip, siglip, and hetxl for every S) with
+respect to its inputs (embeddings, noise parameters, tau), on all local devices with the batch
+split over them. One object per measurement: loss, samples (null for the deterministic losses),
+batch, dim, step_ms (median over --repeats calls after a warm-up), peak_bytes (per device, from
+the compiled executable's memory analysis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from contrastive.losses import make_loss, shard_loss
+from contrastive.mesh import batch_sharding, make_mesh, replicated
+from contrastive.xla_stats import peak_bytes
+from models.heteroscedastic import NoiseParameters
+
+
+def median_call_ms(fn, *args, repeats: int) -> float:
+    """Median wall time of fn(*args) in milliseconds, after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def random_loss_inputs(mesh, batch: int, dim: int, factors: int, seed: int = 0) -> dict:
+    """Unit-norm embeddings and modest HET-XL noise, placed batch-sharded on the mesh."""
+    rng = np.random.default_rng(seed)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    sharded = batch_sharding(mesh)
+    put = lambda x: jax.device_put(jnp.asarray(x, jnp.float32), sharded)  # noqa: E731
+    return {
+        "image_embedding": put(unit(rng.normal(size=(batch, dim)))),
+        "text_embedding": put(unit(rng.normal(size=(batch, dim)))),
+        "tau": jax.device_put(jnp.float32(0.07), replicated(mesh)),
+        "bias": jax.device_put(jnp.float32(-10.0), replicated(mesh)),
+        "noise": NoiseParameters(
+            factors=put(0.02 * rng.normal(size=(batch, dim, factors))),
+            diag_scale=put(np.full((batch, dim), 0.02)),
+            mean_shift=put(np.zeros((batch, dim))),
+        ),
+    }
+
+
+def benchmark_losses(args) -> list[dict]:
+    mesh = make_mesh()
+    if args.batch % mesh.size:
+        raise SystemExit(f"--batch {args.batch} must be a multiple of the {mesh.size} devices")
+    inputs = random_loss_inputs(mesh, args.batch, args.dim, args.factors)
+    rng = jax.random.key(0)
+    chunk = dict(column_chunk_size=args.column_chunk)
+    losses = [("clip", None, make_loss("clip", **chunk)), ("siglip", None, make_loss("siglip", **chunk))]
+    for samples in args.samples:
+        hetxl = make_loss(
+            "hetxl", num_samples=samples, sample_chunk_size=args.sample_chunk, **chunk
+        )
+        losses.append(("hetxl", samples, hetxl))
+    rows = []
+    for name, samples, loss in losses:
+        sharded = shard_loss(loss, mesh)
+        value_and_grad = jax.jit(jax.value_and_grad(lambda outputs: sharded(outputs, rng)[0]))
+        compiled = value_and_grad.lower(inputs).compile()
+        rows.append(
+            dict(
+                loss=name,
+                samples=samples,
+                batch=args.batch,
+                dim=args.dim,
+                step_ms=round(median_call_ms(compiled, inputs, repeats=args.repeats), 3),
+                peak_bytes=peak_bytes(compiled),
+            )
+        )
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["  ".join(f"{key:>12}" for key in keys)]
+    lines += ["  ".join(f"{str(row[key]):>12}" for key in keys) for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    loss = commands.add_parser("loss", help="contrastive losses: value + gradient")
+    loss.add_argument("--batch", type=int, required=True, help="global batch")
+    loss.add_argument("--dim", type=int, required=True, help="embedding dimension")
+    loss.add_argument("--samples", type=int, nargs="+", default=[16], help="HET-XL MC samples")
+    loss.add_argument("--factors", type=int, default=8, help="HET-XL low-rank factors R")
+    loss.add_argument("--sample-chunk", type=int, default=8)
+    loss.add_argument("--column-chunk", type=int, default=1024)
+    loss.add_argument("--repeats", type=int, default=10)
+    loss.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    rows = benchmark_losses(args)
+    print(json.dumps(rows) if args.json else format_rows(rows))
+
+
+if __name__ == "__main__":
+    main()
