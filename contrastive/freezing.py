@@ -59,6 +59,11 @@ def frozen_labels(params: Any, rules: Sequence[str]) -> Any:
     return jax.tree.unflatten(jax.tree.structure(params), labels)
 
 
+def frozen_mask(params: Any, rules: Sequence[str]) -> Any:
+    """A tree like `params` with True for the leaves the rules freeze."""
+    return jax.tree.map(lambda label: label == FROZEN, frozen_labels(params, rules))
+
+
 def freeze(
     optimizer: optax.GradientTransformation, rules: Sequence[str]
 ) -> optax.GradientTransformation:

@@ -69,12 +69,16 @@ def init_train_state(
     rng: jax.Array,
     mesh: Mesh,
     min_fsdp_size: int = 2**12,
+    load_params: Callable[[Any], Any] | None = None,
 ) -> tuple[TrainState, Any]:
-    """Params and optimizer state initialised in their shardings; returns (state, shardings)."""
+    """Params and optimizer state initialised in their shardings; returns (state, shardings).
+
+    load_params: optional host-side function replacing initial params by pretrained ones (LiT);
+    it receives numpy arrays (fully replicated params) and its result is put back sharded.
+    """
     params_rng, state_rng = jax.random.split(rng)
 
-    def init(key):
-        params = init_params(key)
+    def make_state(params):
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -83,8 +87,12 @@ def init_train_state(
             nonfinite_in_a_row=jnp.zeros((), jnp.int32),
         )
 
-    shardings = state_shardings(jax.eval_shape(init, params_rng), mesh, min_fsdp_size)
-    return jax.jit(init, out_shardings=shardings)(params_rng), shardings
+    param_shapes = jax.eval_shape(init_params, params_rng)
+    shardings = state_shardings(jax.eval_shape(make_state, param_shapes), mesh, min_fsdp_size)
+    params = jax.jit(init_params, out_shardings=shardings.params)(params_rng)
+    if load_params is not None:
+        params = jax.device_put(load_params(jax.device_get(params)), shardings.params)
+    return jax.jit(make_state, out_shardings=shardings)(params), shardings
 
 
 def make_train_step(
@@ -92,14 +100,27 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     mesh: Mesh,
     state_sharding: Any,
+    frozen: Any = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """jit(step)(state, batch) -> (state, metrics); the input state's buffers are donated."""
+    """jit(step)(state, batch) -> (state, metrics); the input state's buffers are donated.
+
+    frozen: optional tree like the params with True for frozen leaves (see contrastive.freezing).
+    Their gradient is stopped before the backward pass, so XLA does not backpropagate through a
+    locked tower at all; the optimizer (wrapped by `freezing.freeze`) gives them zero updates.
+    """
+
+    def trainable_view(params):
+        if frozen is None:
+            return params
+        return jax.tree.map(
+            lambda p, is_frozen: jax.lax.stop_gradient(p) if is_frozen else p, params, frozen
+        )
 
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params, batch, rng
-        )
+        (loss, metrics), grads = jax.value_and_grad(
+            lambda params: objective(trainable_view(params), batch, rng), has_aux=True
+        )(state.params)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)

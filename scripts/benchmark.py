@@ -66,7 +66,10 @@ def benchmark_losses(args) -> list[dict]:
     inputs = random_loss_inputs(mesh, args.batch, args.dim, args.factors)
     rng = jax.random.key(0)
     chunk = dict(column_chunk_size=args.column_chunk)
-    losses = [("clip", None, make_loss("clip", **chunk)), ("siglip", None, make_loss("siglip", **chunk))]
+    losses = [
+        ("clip", None, make_loss("clip", **chunk)),
+        ("siglip", None, make_loss("siglip", **chunk)),
+    ]
     for samples in args.samples:
         hetxl = make_loss(
             "hetxl", num_samples=samples, sample_chunk_size=args.sample_chunk, **chunk
@@ -75,7 +78,9 @@ def benchmark_losses(args) -> list[dict]:
     rows = []
     for name, samples, loss in losses:
         sharded = shard_loss(loss, mesh)
-        value_and_grad = jax.jit(jax.value_and_grad(lambda outputs: sharded(outputs, rng)[0]))
+        value_and_grad = jax.jit(
+            jax.value_and_grad(lambda outputs, fn=sharded: fn(outputs, rng)[0])
+        )
         compiled = value_and_grad.lower(inputs).compile()
         rows.append(
             dict(

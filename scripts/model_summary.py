@@ -1,0 +1,75 @@
+"""Parameter counts and FLOPs of a config's two-tower model.
+
+    python -m scripts.model_summary --config configs/clip_hetxl.py [--json]
+
+Counts come from the model's parameter shapes (jax.eval_shape, nothing is allocated); FLOPs per
+example from XLA's cost analysis of each tower's compiled forward pass on one example.
+JSON keys: image_tower_params, text_tower_params, hetxl_extra_params (noise layers of the image
+and, with text_noise, the text side), other_params (temperature, bias), total_params,
+image_flops_per_example, text_flops_per_example, flops_per_example (both towers, forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import jax
+
+from contrastive.xla_stats import compile_function, flops
+from models.two_towers import example_inputs, two_towers_from_config
+from scripts.config_loader import load_config
+
+
+def count(tree) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def summarize(model_config) -> dict:
+    model_config = dict(model_config)
+    model = two_towers_from_config(model_config)
+    images, tokens = example_inputs(model_config)
+    params = jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"]
+    noise_names = ("image_noise_params", "text_noise_params")
+    image_params, text_params = count(params["img"]), count(params["txt"])
+    noise_params = sum(count(params[name]) for name in noise_names if name in params)
+    total = count(params)
+
+    def tower_flops(method, inputs):
+        return flops(
+            compile_function(
+                lambda p, x: model.apply({"params": p}, x, method=method), params, inputs
+            )
+        )
+
+    image_flops = tower_flops(model.embed_images, images)
+    text_flops = tower_flops(model.embed_texts, tokens)
+    return dict(
+        image_tower_params=image_params,
+        text_tower_params=text_params,
+        hetxl_extra_params=noise_params,
+        other_params=total - image_params - text_params - noise_params,
+        total_params=total,
+        image_flops_per_example=image_flops,
+        text_flops_per_example=text_flops,
+        flops_per_example=image_flops + text_flops,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    summary = summarize(config.model.to_dict())
+    if args.json:
+        print(json.dumps(summary))
+        return
+    for key, value in summary.items():
+        print(f"{key:>24}: {value:,.0f}")
+
+
+if __name__ == "__main__":
+    main()
