@@ -1,10 +1,9 @@
 """The sharded train step: one jitted function over the mesh for every method.
 
-An *objective* maps (params, batch, rng) to (loss, metrics) on global arrays;
-`contrastive_objective` builds one from a two-tower model and a contrastive loss.
-`make_train_step` turns any objective and an optax optimizer into a jitted, state-donating update
-with global-norm metrics and a guard that skips an update whose loss or gradients are not finite
-(counted, never applied).
+An *objective* (contrastive/objectives.py) maps (params, batch, rng) to (loss, metrics) on global
+arrays. `make_train_step` turns any objective and an optax optimizer into a jitted,
+state-donating update with global-norm metrics and a guard that skips an update whose loss or
+gradients are not finite (counted, never applied).
 """
 
 from __future__ import annotations
@@ -12,17 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from contrastive.losses import shard_loss
-from contrastive.mesh import BATCH_AXES, batch_sharding, replicated, state_shardings
-
-Objective = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+from contrastive.mesh import batch_sharding, replicated, state_shardings
+from contrastive.objectives import Objective
 
 
 @struct.dataclass
@@ -39,28 +35,6 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     nonfinite_in_a_row: jax.Array
-
-
-def contrastive_objective(model: nn.Module, loss, mesh: Mesh) -> Objective:
-    """Two-tower forward (train mode) followed by a sharded contrastive loss."""
-    sharded_loss = shard_loss(loss, mesh, BATCH_AXES)
-
-    def objective(params, batch, rng):
-        dropout_rng, loss_rng = jax.random.split(rng)
-        outputs = model.apply(
-            {"params": params},
-            batch["image"],
-            batch["text"],
-            train=True,
-            rngs={"dropout": dropout_rng},
-        )
-        loss_value, metrics = sharded_loss(outputs, loss_rng)
-        metrics = dict(metrics)
-        metrics["image_norm"] = jnp.mean(outputs["image_norm"])
-        metrics["text_norm"] = jnp.mean(outputs["text_norm"])
-        return loss_value, metrics
-
-    return objective
 
 
 def init_train_state(

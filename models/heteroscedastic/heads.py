@@ -66,6 +66,7 @@ class HeteroscedasticHead(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros, (self.num_classes,))
         tau = Temperature(self.temperature, name="temperature")()
+        self.sow("intermediates", "tau", tau)  # read by trainers as a metric
         distribution = self._logit_distribution(pre_logits, kernel, bias)
         if self.kind == "det" or deterministic:
             if labels is None:

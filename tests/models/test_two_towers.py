@@ -9,7 +9,8 @@ import pytest
 from contrastive.freezing import freeze, frozen_mask
 from contrastive.losses import make_loss
 from contrastive.mesh import make_mesh
-from contrastive.step import contrastive_objective, init_train_state, make_train_step
+from contrastive.objectives import contrastive_objective
+from contrastive.step import init_train_state, make_train_step
 from models import pretrained, vit
 from models.heteroscedastic import NoiseConfig, TemperatureConfig
 from models.two_towers import (

@@ -1,0 +1,111 @@
+"""Metrics to TensorBoard (clu) and to workdir/metrics.jsonl, plus human progress lines.
+
+Only process 0 writes. metrics.jsonl has one JSON object per logged step with at least "step";
+after a restart from step k, lines of steps > k (logged after the checkpoint the run resumed
+from) are dropped, so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _scalar(value) -> float | int:
+    value = np.asarray(jax.device_get(value))
+    if value.dtype.kind in "iub":
+        return int(value)
+    return float(value)
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    """All objects of workdir/metrics.jsonl, in order."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricLogger:
+    """write(step, metrics) -> TensorBoard scalars + one metrics.jsonl line (process 0 only)."""
+
+    def __init__(self, workdir: str | Path, resume_step: int = 0, primary: bool | None = None):
+        self.primary = jax.process_index() == 0 if primary is None else primary
+        self.path = Path(workdir) / METRICS_FILE
+        self.writer = None
+        if not self.primary:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [row for row in read_metrics(workdir) if row["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        self.writer = metric_writers.create_default_writer(
+            str(Path(workdir) / "tensorboard"), asynchronous=True
+        )
+
+    def write(self, step: int, metrics: Mapping[str, object]) -> dict:
+        """Logs finite-or-not scalars as given (NaN is written as null in JSON)."""
+        row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+        if self.primary:
+            self.writer.write_scalars(int(step), {k: v for k, v in row.items() if k != "step"})
+            serializable = {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in row.items()
+            }
+            with self.path.open("a") as file:
+                file.write(json.dumps(serializable) + "\n")
+        return row
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+class Progress:
+    """One log line per call: step, loss, throughput and ETA (process 0 only)."""
+
+    def __init__(self, total_steps: int, first_step: int, examples_per_step: int, devices: int):
+        self.total_steps, self.examples_per_step, self.devices = (
+            total_steps,
+            examples_per_step,
+            devices,
+        )
+        self.last_step, self.last_time = first_step, time.perf_counter()
+
+    def rate(self, step: int) -> float:
+        """Examples per second since the previous call (and resets the clock)."""
+        now = time.perf_counter()
+        rate = (step - self.last_step) * self.examples_per_step / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        return rate
+
+    def line(self, step: int, loss: float, examples_per_sec: float) -> str:
+        remaining = (self.total_steps - step) * self.examples_per_step / max(examples_per_sec, 1e-9)
+        return (
+            f"step {step}/{self.total_steps} | loss {loss:.4f} | "
+            f"{examples_per_sec:.1f} img/s ({examples_per_sec / self.devices:.1f}/device) | "
+            f"ETA {format_duration(remaining)}"
+        )
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def log_primary(message: str) -> None:
+    if jax.process_index() == 0:
+        logging.info(message)
+        print(message, flush=True)
