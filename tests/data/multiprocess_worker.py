@@ -1,0 +1,60 @@
+"""One process of the two-process input test (tests/data/test_multiprocess.py).
+
+    python -m tests.data.multiprocess_worker PROCESS_ID NUM_PROCESSES PORT FILES BATCHES
+
+Joins a jax.distributed cluster on 127.0.0.1 (gloo collectives on CPU), reads BATCHES global
+batches, and prints one JSON line: the example indices this process supplied and the indices of
+the whole global batches, gathered from all processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+
+
+def main(argv: list[str]) -> None:
+    process_id, num_processes, port, files, num_batches = argv
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=int(num_processes),
+        process_id=int(process_id),
+        initialization_timeout=60,
+    )
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from data.pipeline import make_global_iterator
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    config = {
+        "source": {"name": "tfrecord", "files": files},
+        "pp": "decode|resize(8)|value_range(0, 255)|tokenize(max_len=8)",
+        "batch_size": 8,
+        "shuffle_buffer": 4,
+        "seed": 0,
+        "prefetch": 1,
+    }
+    iterator = make_global_iterator(config, mesh)
+    local, gathered = [], []
+    for _ in range(int(num_batches)):
+        image = next(iterator)["image"]
+        for shard in image.addressable_shards:
+            local += np.asarray(shard.data)[:, 0, 0, 0].astype(int).tolist()
+        everything = multihost_utils.process_allgather(image, tiled=True)
+        gathered += np.asarray(everything)[:, 0, 0, 0].astype(int).tolist()
+    print(json.dumps({
+        "process": jax.process_index(),
+        "processes": jax.process_count(),
+        "devices": jax.device_count(),
+        "local": local,
+        "gathered": gathered,
+    }), flush=True)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
