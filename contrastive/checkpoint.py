@@ -1,0 +1,306 @@
+"""Checkpoints that survive preemption: sharded train state, per-process input position, metadata.
+
+One checkpoint per step, written by orbax under `directory/<step>/`:
+
+    state/                        the TrainState (tensorstore/OCDBT), sharded as it was in memory
+    input_state/process_<i>-of-<n>.npy
+                                  each process's input-iterator position (a small numpy array)
+    metadata/metadata             JSON (config, counters)
+
+Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when every item of every
+process is written, so a crash mid-save leaves only a temporary directory, which `latest_step`
+ignores and the next `Checkpointer` on the directory deletes. The input states live inside the
+step directory for the same reason: they appear, and are deleted (keep=N), together with the
+state they belong to.
+
+Typed PRNG keys (`jax.random.key`) are saved and restored by orbax as they are; no unwrapping is
+needed.
+
+A trainer uses it as
+
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=3)
+    if (step := checkpointer.latest_step()) is not None:
+        state, input_state, metadata = checkpointer.restore(step, abstract_state)
+    with PreemptionGuard() as guard:
+        for step in ...:
+            state = train_step(state, batch)     # donates the previous state
+            if step % every == 0 or guard.requested:
+                checkpointer.save(step, state, iterator_state, {"config": config})
+    checkpointer.close()                         # waits for the last save
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+logger = logging.getLogger(__name__)
+
+STATE_ITEM = "state"
+INPUT_STATE_ITEM = "input_state"
+METADATA_ITEM = "metadata"
+
+
+def _input_state_filename(process_index: int, process_count: int) -> str:
+    return f"process_{process_index}-of-{process_count}.npy"
+
+
+@dataclasses.dataclass
+class _InputStateSave(ocp.args.CheckpointArgs):
+    """This process's input position, or None when the trainer keeps none."""
+
+    array: np.ndarray | None
+
+
+@dataclasses.dataclass
+class _InputStateRestore(ocp.args.CheckpointArgs):
+    """Nothing to choose: each process reads its own file."""
+
+
+class _InputStateHandler(ocp.CheckpointHandler):
+    """Every process writes and reads only its own file of the `input_state` item.
+
+    Orbax's built-in handlers write either sharded arrays or one file from the primary process;
+    an input position is neither (each process has its own, of its own size). The write is
+    synchronous and small, so it is done before `save()` returns and the caller may reuse the
+    array afterwards. The process count is part of the file name, so a run resumed on a
+    different number of processes does not pick up another process's position.
+    """
+
+    def __init__(self, process_index: int, process_count: int):
+        self._filename = _input_state_filename(process_index, process_count)
+
+    def save(self, directory: epath.Path, args: _InputStateSave) -> None:
+        if args.array is None:
+            return
+        buffer = io.BytesIO()
+        np.save(buffer, args.array, allow_pickle=False)
+        (directory / self._filename).write_bytes(buffer.getvalue())
+
+    def restore(
+        self, directory: epath.Path, args: _InputStateRestore | None = None
+    ) -> np.ndarray | None:
+        path = directory / self._filename
+        if path.exists():
+            return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+        others = sorted(p.name for p in directory.iterdir() if p.name.endswith(".npy"))
+        if others:
+            logger.warning(
+                "checkpoint %s has input states %s but none named %s (saved by a different number "
+                "of processes?); this process's input starts afresh",
+                directory.parent,
+                others,
+                self._filename,
+            )
+        return None
+
+
+def _abstract_leaf(path: Any, leaf: Any) -> jax.ShapeDtypeStruct:
+    """A restore target with a sharding; concrete arrays give their own shape and sharding."""
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is not None:
+        return leaf
+    raise ValueError(
+        f"restore target {jax.tree_util.keystr(path)} is {leaf!r}; every leaf must be a jax.Array "
+        "or a jax.ShapeDtypeStruct with a sharding, so that it is restored straight into place"
+    )
+
+
+class Checkpointer:
+    """Saves and restores (train state, per-process input state, JSON metadata) by step.
+
+    directory: local path or a URL orbax understands (e.g. gs://...), shared by all processes.
+    keep: how many of the most recent checkpoints to keep; older ones are deleted whole.
+    async_save: write in a background thread; `save()` returns once the state is copied to host.
+    process_index, process_count: which input-state file is this process's; default
+      jax.process_index() and jax.process_count() (set them only to simulate processes).
+
+    All processes must call `save`, `restore` and `close` together (they are collective).
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        keep: int = 3,
+        async_save: bool = True,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        directory = str(directory)
+        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+
+        state_handler = ocp.StandardCheckpointHandler()
+        input_handler = _InputStateHandler(process_index, process_count)
+        metadata_handler = ocp.JsonCheckpointHandler()
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        registry.add(STATE_ITEM, ocp.args.StandardSave, state_handler)
+        registry.add(STATE_ITEM, ocp.args.StandardRestore, state_handler)
+        registry.add(INPUT_STATE_ITEM, _InputStateSave, input_handler)
+        registry.add(INPUT_STATE_ITEM, _InputStateRestore, input_handler)
+        registry.add(METADATA_ITEM, ocp.args.JsonSave, metadata_handler)
+        registry.add(METADATA_ITEM, ocp.args.JsonRestore, metadata_handler)
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+            enable_async_checkpointing=async_save,
+            # Temporary directories left by a crash mid-save are never finalized; remove them.
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, handler_registry=registry
+        )
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        input_state: np.ndarray | None = None,
+        metadata: dict | None = None,
+    ) -> bool:
+        """Starts writing checkpoint `step`; returns False (writes nothing) if it already exists.
+
+        Waits for the previous save to finish first. On return the caller may donate or modify
+        `state`, `input_state` and `metadata`: nothing of them is read later.
+
+        Why no copy of `state` is made: orbax's save returns only after its blocking phase,
+        which copies every jax.Array to host memory and waits for the copies (orbax's default
+        device-to-host transfer priority is synchronous; it is deferred to the background
+        thread only under a `save_device_host_concurrent_gb` limit with a non-synchronous key
+        priority, which we do not configure). The background thread writes those host copies,
+        so the next train step may donate the state's buffers. The price is host memory for
+        this process's share of the state while a save is in flight, instead of a second copy
+        in device memory.
+        """
+        if input_state is not None and not isinstance(input_state, np.ndarray):
+            raise TypeError(f"input_state must be a numpy array, got {type(input_state)}")
+        # A JSON snapshot: orbax serializes JSON in its background thread, so the caller's dict
+        # must not be shared with it; this also reports unserializable values here, not later.
+        metadata_snapshot = json.loads(json.dumps(metadata or {}))
+        if step in self._manager.all_steps():
+            logger.info(
+                "checkpoint %d already exists in %s; not saving it again", step, self.directory
+            )
+            return False
+        # force: every call saves; how often to save is the trainer's decision.
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE_ITEM: ocp.args.StandardSave(state),
+                    INPUT_STATE_ITEM: _InputStateSave(input_state),
+                    METADATA_ITEM: ocp.args.JsonSave(metadata_snapshot),
+                }
+            ),
+            force=True,
+        )
+
+    def all_steps(self) -> list[int]:
+        """Steps whose checkpoint is finalized on disk, ascending (in-flight saves excluded)."""
+        # Orbax's own step list includes a save from the moment it starts; the directory holds a
+        # step only once it was renamed from its temporary name, i.e. fully written.
+        return sorted(ocp.step.checkpoint_steps(self.directory))
+
+    def latest_step(self) -> int | None:
+        """The newest finalized step, or None. Processes agree when no save is in flight."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, np.ndarray | None, dict]:
+        """(state, this process's input state or None, metadata) of finalized checkpoint `step`.
+
+        abstract_state: the state's structure with jax.ShapeDtypeStruct leaves carrying
+          shardings (e.g. from jax.eval_shape plus mesh.state_shardings), or a concrete state.
+          Arrays are read straight into those shardings, whatever mesh the checkpoint was
+          saved from.
+        """
+        self._manager.wait_until_finished()
+        if step not in self.all_steps():
+            raise FileNotFoundError(
+                f"no finalized checkpoint for step {step} in {self.directory}; "
+                f"available: {self.all_steps()}"
+            )
+        target = jax.tree_util.tree_map_with_path(_abstract_leaf, abstract_state)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE_ITEM: ocp.args.StandardRestore(target),
+                    INPUT_STATE_ITEM: _InputStateRestore(),
+                    METADATA_ITEM: ocp.args.JsonRestore(),
+                }
+            ),
+        )
+        return restored[STATE_ITEM], restored[INPUT_STATE_ITEM], dict(restored[METADATA_ITEM])
+
+    def wait_until_finished(self) -> None:
+        """Blocks until the save in flight (if any) is finalized and old steps are deleted."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for the save in flight, then releases orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (and, with catch_sigint, Ctrl-C) into a flag the train loop polls.
+
+    Cluster schedulers send SIGTERM some seconds before killing a job. The handler only sets a
+    flag, because a signal handler runs between two bytecodes of the main thread, possibly in
+    the middle of a train step or a save; the loop checks `requested` after each step, saves and
+    stops. On exit the previous handlers are restored. Must be entered in the main thread.
+
+    With several processes the signal may reach them at different steps while `save` is
+    collective: combine the flags across processes first (e.g. with
+    jax.experimental.multihost_utils.process_allgather) and act on their any().
+    """
+
+    def __init__(self, catch_sigint: bool = False):
+        self._signals = (signal.SIGTERM, signal.SIGINT) if catch_sigint else (signal.SIGTERM,)
+        self._previous: dict[int, Any] = {}
+        self._event = threading.Event()
+        self.signal_number: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        """True once one of the signals arrived inside the context."""
+        return self._event.is_set()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signal_number = signum
+        self._event.set()
+
+    def __enter__(self) -> PreemptionGuard:
+        for signum in self._signals:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            # None: the previous handler was not installed from Python; the default is closest.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
