@@ -1,4 +1,4 @@
-# Two entry points: `make test` (and, with the trainer, `make demo`).
+# Two entry points: `make demo` (train + zero-shot on Fashion-MNIST) and `make test`.
 # Each creates .venv on first use and installs requirements.txt into it; the
 # stamp file makes a second run skip pip when the pins have not changed.
 PYTHON ?= python3
@@ -6,7 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: test lint venv
+WORKDIR ?= workdirs/demo
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test lint venv fashion-mnist
 
 venv: $(STAMP)
 
@@ -24,3 +27,18 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+# The demo's data: Debian's dataset-fashion-mnist package (IDX files under /usr/share/datasets).
+fashion-mnist:
+	@if [ -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO=sudo; \
+	else echo "Fashion-MNIST is missing and installing it needs root. Run:"; \
+	  echo "  sudo apt-get install dataset-fashion-mnist"; \
+	  echo "or put the four IDX .gz files (train-images-idx3-ubyte.gz, ...) in a folder and run"; \
+	  echo "  make demo FASHION_MNIST_DIR=/that/folder"; exit 1; fi; \
+	$$SUDO apt-get install -y -q dataset-fashion-mnist || \
+	  { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }
+
+demo: $(STAMP) fashion-mnist
+	$(PY) -m scripts.demo --workdir $(WORKDIR) --config configs/demo.py:data_dir=$(FASHION_MNIST_DIR)

@@ -20,7 +20,7 @@ DEFAULTS = {
 
 
 def _parse_arg(arg: str | None) -> dict[str, str]:
-    """"split=test,batch_size=64" -> {"split": "test", "batch_size": "64"} over DEFAULTS."""
+    """ "split=test,batch_size=64" -> {"split": "test", "batch_size": "64"} over DEFAULTS."""
     values = dict(DEFAULTS)
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
@@ -37,18 +37,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     values = _parse_arg(arg)
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.input = ml_collections.ConfigDict({
-        "source": {
-            "name": "fashion_mnist",
-            "data_dir": values["data_dir"],
-            "split": values["split"],
-            "cupl": values["cupl"].lower() in ("1", "true", "yes"),
-        },
-        # Grey 28x28 -> RGB 32x32 in [-1, 1]; 20 WordPiece tokens hold every caption (longest: 18).
-        "pp": "decode|resize(32)|flip_lr|value_range(-1, 1)|tokenize(max_len=20, model='minilm')",
-        "batch_size": int(values["batch_size"]),
-        "shuffle_buffer": 10_000,
-        "seed": config.get_ref("seed"),
-        "prefetch": 2,
-    })
+    config.input = ml_collections.ConfigDict(
+        {
+            "source": {
+                "name": "fashion_mnist",
+                "data_dir": values["data_dir"],
+                "split": values["split"],
+                "cupl": values["cupl"].lower() in ("1", "true", "yes"),
+            },
+            # Grey 28x28 -> RGB 32x32 in [-1, 1]; 20 WordPiece tokens hold every caption
+            # (the longest has 18).
+            "pp": (
+                "decode|resize(32)|flip_lr|value_range(-1, 1)|"
+                "tokenize(max_len=20, model='minilm')"
+            ),
+            "batch_size": int(values["batch_size"]),
+            "shuffle_buffer": 10_000,
+            "seed": config.get_ref("seed"),
+            "prefetch": 2,
+        }
+    )
     return config

@@ -37,6 +37,34 @@ class TrainState:
     nonfinite_in_a_row: jax.Array
 
 
+def abstract_train_state(
+    init_params: Callable[[jax.Array], Any],
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    mesh: Mesh,
+    min_fsdp_size: int = 2**12,
+) -> tuple[TrainState, Any]:
+    """(state of ShapeDtypeStructs, shardings): what a restore needs, without allocating."""
+    shapes = jax.eval_shape(lambda key: _fresh_state(init_params(key), optimizer, key), rng)
+    shardings = state_shardings(shapes, mesh, min_fsdp_size)
+    abstract = jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        shapes,
+        shardings,
+    )
+    return abstract, shardings
+
+
+def _fresh_state(params, optimizer, rng) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.fold_in(rng, 1),
+        nonfinite_in_a_row=jnp.zeros((), jnp.int32),
+    )
+
+
 def init_train_state(
     init_params: Callable[[jax.Array], Any],
     optimizer: optax.GradientTransformation,
@@ -47,26 +75,18 @@ def init_train_state(
 ) -> tuple[TrainState, Any]:
     """Params and optimizer state initialised in their shardings; returns (state, shardings).
 
+    Params come from init_params(rng); the state's base key is fold_in(rng, 1).
     load_params: optional host-side function replacing initial params by pretrained ones (LiT);
     it receives numpy arrays (fully replicated params) and its result is put back sharded.
     """
-    params_rng, state_rng = jax.random.split(rng)
-
-    def make_state(params):
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=optimizer.init(params),
-            rng=state_rng,
-            nonfinite_in_a_row=jnp.zeros((), jnp.int32),
-        )
-
-    param_shapes = jax.eval_shape(init_params, params_rng)
-    shardings = state_shardings(jax.eval_shape(make_state, param_shapes), mesh, min_fsdp_size)
-    params = jax.jit(init_params, out_shardings=shardings.params)(params_rng)
+    _, shardings = abstract_train_state(init_params, optimizer, rng, mesh, min_fsdp_size)
+    params = jax.jit(init_params, out_shardings=shardings.params)(rng)
     if load_params is not None:
         params = jax.device_put(load_params(jax.device_get(params)), shardings.params)
-    return jax.jit(make_state, out_shardings=shardings)(params), shardings
+    state = jax.jit(
+        lambda p: _fresh_state(p, optimizer, rng), out_shardings=shardings
+    )(params)
+    return state, shardings
 
 
 def make_train_step(

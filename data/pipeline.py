@@ -364,7 +364,9 @@ class GlobalBatchIterator(Iterator[dict[str, jax.Array]]):
     global batch size; process i supplies rows [i * b, (i + 1) * b) of its addressable shards.
     """
 
-    def __init__(self, local: LocalBatchIterator, mesh: Mesh, data_axis: str | tuple[str, ...] = "data") -> None:
+    def __init__(
+        self, local: LocalBatchIterator, mesh: Mesh, data_axis: str | tuple[str, ...] = "data"
+    ) -> None:
         check_mesh(local.cfg.batch_size, mesh, data_axis)
         self.local = local
         self.sharding = NamedSharding(mesh, PartitionSpec(data_axis))

@@ -1,6 +1,7 @@
 """Benchmarks, printed as JSON: wall-clock medians and XLA's compiled peak memory.
 
     python -m scripts.benchmark loss --batch 1024 --dim 512 --samples 16 64 [--json]
+    python -m scripts.benchmark step --config configs/bench_ti.py [--loss clip|hetxl] [--json]
 
 `loss`: value and gradient of each contrastive loss (clip, siglip, and hetxl for every S) with
 respect to its inputs (embeddings, noise parameters, tau), on all local devices with the batch
@@ -22,8 +23,13 @@ import numpy as np
 
 from contrastive.losses import make_loss, shard_loss
 from contrastive.mesh import batch_sharding, make_mesh, replicated
+from contrastive.optim import make_optimizer
+from contrastive.step import init_train_state, make_train_step
+from contrastive.trainer import build_task, validate_config
 from contrastive.xla_stats import peak_bytes
 from models.heteroscedastic import NoiseParameters
+from models.two_towers import example_inputs
+from scripts.config_loader import load_config
 
 
 def median_call_ms(fn, *args, repeats: int) -> float:
@@ -95,6 +101,52 @@ def benchmark_losses(args) -> list[dict]:
     return rows
 
 
+def benchmark_step(args) -> list[dict]:
+    """The full train step (both towers, loss, AdamW update) of a config on random batches."""
+    arg = f"loss={args.loss}" if args.loss else None
+    spec = args.config if ":" in args.config or not arg else f"{args.config}:{arg}"
+    values = validate_config(load_config(spec))
+    mesh = make_mesh(values.get("mesh"))
+    task = build_task(values, mesh)
+    rng = jax.random.key(0)
+    optimizer, _ = make_optimizer(
+        dict(values["optim"]), values["total_steps"], jax.eval_shape(task.init_params, rng)
+    )
+    state, shardings = init_train_state(task.init_params, optimizer, rng, mesh)
+    step = make_train_step(task.objective, optimizer, mesh, shardings)
+    batch_size = values["input"]["batch_size"]
+    images, tokens = example_inputs(values["model"], batch_size)
+    generator = np.random.default_rng(0)
+    batch = jax.device_put(
+        {
+            "image": generator.uniform(-1, 1, images.shape).astype(np.float32),
+            "text": generator.integers(1, 1000, tokens.shape).astype(np.int32),
+        },
+        batch_sharding(mesh),
+    )
+    compiled = step.lower(state, batch).compile()
+    times = []
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append((time.perf_counter() - start) * 1e3)
+    step_ms = statistics.median(times)
+    return [
+        dict(
+            config=spec,
+            loss=values["loss"]["name"],
+            batch=batch_size,
+            devices=mesh.size,
+            step_ms=round(step_ms, 2),
+            images_per_sec=round(batch_size / step_ms * 1e3, 1),
+            peak_bytes=peak_bytes(compiled),
+        )
+    ]
+
+
 def format_rows(rows: list[dict]) -> str:
     keys = list(rows[0])
     lines = ["  ".join(f"{key:>12}" for key in keys)]
@@ -114,8 +166,18 @@ def main(argv: list[str] | None = None) -> None:
     loss.add_argument("--column-chunk", type=int, default=1024)
     loss.add_argument("--repeats", type=int, default=10)
     loss.add_argument("--json", action="store_true")
+    step = commands.add_parser("step", help="the whole train step of a config")
+    step.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
+    step.add_argument(
+        "--loss",
+        choices=("clip", "siglip", "hetxl"),
+        default=None,
+        help="passed to the config as its loss=... argument",
+    )
+    step.add_argument("--repeats", type=int, default=10)
+    step.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    rows = benchmark_losses(args)
+    rows = benchmark_losses(args) if args.command == "loss" else benchmark_step(args)
     print(json.dumps(rows) if args.json else format_rows(rows))
 
 

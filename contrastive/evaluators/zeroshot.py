@@ -9,6 +9,7 @@ image embedding; top-1 and top-5 accuracy are counted over the whole split, padd
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -34,11 +35,17 @@ def class_embeddings(
 
 
 def _topk_correct(image_embeddings, labels, mask, classes, k_values):
+    """Correct counts per k, and per class: top-1 correct and examples, f32[C] each."""
     scores = image_embeddings @ classes.T
     # rank of the true class = number of classes scoring strictly higher
     true_scores = jnp.take_along_axis(scores, labels[:, None], axis=1)
     rank = jnp.sum(scores > true_scores, axis=1)
-    return {k: jnp.sum(mask & (rank < k)) for k in k_values}
+    members = jax.nn.one_hot(labels, classes.shape[0]) * mask[:, None]
+    per_class = {
+        "correct": jnp.sum(members * (rank == 0)[:, None], axis=0),
+        "examples": jnp.sum(members, axis=0),
+    }
+    return {k: jnp.sum(mask & (rank < k)) for k in k_values}, per_class
 
 
 class ZeroShotEvaluator:
@@ -79,15 +86,13 @@ class ZeroShotEvaluator:
             embeddings, _ = model.apply(
                 {"params": params}, batch["image"], method=model.embed_images
             )
-            correct = _topk_correct(
-                embeddings, batch["label"], batch["mask"], classes, self.k_values
-            )
-            return correct, jnp.sum(batch["mask"])
+            return _topk_correct(embeddings, batch["label"], batch["mask"], classes, self.k_values)
 
         self._count = jax.jit(count, out_shardings=replicated(mesh))
 
-    def run(self, params) -> dict[str, float]:
-        """{"zeroshot_top1": ..., "zeroshot_top5": ..., "zeroshot_examples": N}."""
+    def run(self, params, per_class: bool = False) -> dict[str, Any]:
+        """{"zeroshot_top1": ..., "zeroshot_top5": ..., "zeroshot_examples": N}; with per_class,
+        also "per_class_top1" and "per_class_examples" (lists in label order)."""
         text_batch = self.local_batch_size * jax.process_count()
         classes = class_embeddings(
             lambda tokens: self._embed_texts(params, tokens),
@@ -98,14 +103,20 @@ class ZeroShotEvaluator:
         )
         classes = jax.device_put(jnp.asarray(classes), replicated(self.mesh))
         totals = {k: 0 for k in self.k_values}
-        examples = 0
+        class_correct = np.zeros(self.num_classes)
+        class_examples = np.zeros(self.num_classes)
         for batch in global_batches(self.make_local_batches(), self.mesh, self.local_batch_size):
-            correct, seen = self._count(params, batch, classes)
+            correct, classes_seen = jax.device_get(self._count(params, batch, classes))
             for k in self.k_values:
                 totals[k] += int(correct[k])
-            examples += int(seen)
+            class_correct += classes_seen["correct"]
+            class_examples += classes_seen["examples"]
+        examples = int(class_examples.sum())
         if examples == 0:
             raise ValueError("the zero-shot split produced no examples")
-        metrics = {f"zeroshot_top{k}": totals[k] / examples for k in self.k_values}
+        metrics: dict[str, Any] = {f"zeroshot_top{k}": totals[k] / examples for k in self.k_values}
         metrics["zeroshot_examples"] = examples
+        if per_class:
+            metrics["per_class_top1"] = (class_correct / np.maximum(class_examples, 1)).tolist()
+            metrics["per_class_examples"] = class_examples.astype(int).tolist()
         return metrics

@@ -28,7 +28,8 @@ def test_accuracy_nll_and_ece_match_numpy():
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     labels = rng.integers(0, 6, 50)
     mask = np.arange(50) < 43  # the last 7 rows are padding
-    stats = batch_statistics(jnp.log(jnp.asarray(probs)), jnp.asarray(labels), jnp.asarray(mask), 10)
+    log_probs = jnp.log(jnp.asarray(probs))
+    stats = batch_statistics(log_probs, jnp.asarray(labels), jnp.asarray(mask), 10)
     real = slice(0, 43)
     assert int(stats["examples"]) == 43
     assert int(stats["correct"]) == np.sum(probs[real].argmax(1) == labels[real])

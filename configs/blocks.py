@@ -1,0 +1,132 @@
+"""Building blocks the experiment configs compose (each config file stays a short, readable recipe).
+
+Config files call `parse_arg(arg, defaults)` for their "key=value,..." argument and assemble
+ml_collections.ConfigDicts from these blocks; the trainer validates the result before compiling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def parse_arg(arg: str | None, defaults: dict[str, Any]) -> dict[str, Any]:
+    """ "loss=clip,steps=100" -> defaults updated, each value cast to its default's type."""
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, text = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(
+                f"config arg {item!r}: expected key=value with key in {sorted(defaults)}"
+            )
+        default = defaults[key]
+        if isinstance(default, bool):
+            values[key] = text.lower() in ("1", "true", "yes")
+        elif default is None:
+            values[key] = text
+        else:
+            values[key] = type(default)(text)
+    return values
+
+
+def fashion_mnist_input(
+    split: str,
+    batch_size: int,
+    image_size: int,
+    text_length: int,
+    training: bool,
+    data_dir: str = FASHION_MNIST_DIR,
+) -> dict:
+    """Fashion-MNIST images (grey -> RGB in [-1, 1]) with built captions and MiniLM WordPiece
+    tokens; evaluation reads the split once with no shuffling or flips."""
+    pp = f"decode|resize({image_size})|" + ("flip_lr|" if training else "")
+    pp += f"value_range(-1, 1)|tokenize(max_len={text_length}, model='minilm')"
+    block = dict(
+        source=dict(name="fashion_mnist", data_dir=data_dir, split=split),
+        pp=pp,
+        batch_size=batch_size,
+        shuffle_buffer=10_000 if training else 0,
+        seed=0,
+        prefetch=2,
+    )
+    if not training:
+        block["num_epochs"] = 1
+    return block
+
+
+def zeroshot_eval(
+    dataset: str, input_block: dict, text_length: int, every_steps: int, tokenizer: str = "minilm"
+) -> dict:
+    return dict(
+        kind="zeroshot",
+        every_steps=every_steps,
+        dataset=dataset,
+        input=input_block,
+        tokenizer=tokenizer,
+        text_length=text_length,
+    )
+
+
+def adamw(
+    lr: float,
+    weight_decay: float = 1e-4,
+    warmup_steps: int | None = None,
+    warmup_fraction: float | None = None,
+    clip_norm: float = 1.0,
+    schedule: str = "cosine",
+    freeze: list[str] | None = None,
+) -> dict:
+    warmup = (
+        {"warmup_fraction": warmup_fraction}
+        if warmup_fraction is not None
+        else {"warmup_steps": warmup_steps or 0}
+    )
+    return dict(
+        name="adamw",
+        lr=lr,
+        weight_decay=weight_decay,
+        clip_norm=clip_norm,
+        schedule=dict(name=schedule, **warmup),
+        freeze=freeze or [],
+    )
+
+
+def loss_block(
+    name: str, samples: int = 16, sample_chunk: int = 8, column_chunk: int = 1024
+) -> dict:
+    """clip | siglip | hetxl with its options (HET-XL: MC samples and chunk sizes)."""
+    if name == "hetxl":
+        return dict(
+            name=name,
+            num_samples=samples,
+            sample_chunk_size=sample_chunk,
+            column_chunk_size=column_chunk,
+        )
+    if name in ("clip", "siglip"):
+        return dict(name=name, column_chunk_size=column_chunk)
+    raise ValueError(f"loss {name!r} is unknown; known: ['clip', 'hetxl', 'siglip']")
+
+
+def contrastive_temperature(loss: str) -> tuple[dict, float | None]:
+    """(temperature, SigLIP bias init) for a loss: HET-XL learns a log-bounded tau in
+    [0.01, 1] from CLIP's 0.07; CLIP uses its unbounded log scale; SigLIP starts at tau 0.1
+    with bias -10 (its paper's init)."""
+    if loss == "hetxl":
+        return dict(mode="bounded_log", init=0.07, lo=0.01, hi=1.0), None
+    if loss == "siglip":
+        return dict(mode="log_scale", init=0.1), -10.0
+    return dict(mode="log_scale", init=0.07), None
+
+
+def hetxl_noise(loss: str, num_factors: int = 8) -> dict | None:
+    """Image-side HET-XL noise for the hetxl loss, starting small next to unit embeddings."""
+    if loss != "hetxl":
+        return None
+    return dict(num_factors=num_factors, diag_scale_init=0.01, kernel_init_scale=0.01)
+
+
+def config_dict(**blocks) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(blocks)

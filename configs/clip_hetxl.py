@@ -1,0 +1,98 @@
+"""CLIP-style pretraining with HET-XL at pod scale: ViT-B/16 + text transformer B on TFRecords.
+
+    python -m scripts.train --config configs/clip_hetxl.py:files=gs://bucket/pairs-*.tfrecord \
+        --workdir gs://bucket/runs/clip_hetxl
+    args: files (TFRecord glob from scripts.make_tfrecords), tokenizer (sentencepiece model
+    path; default MiniLM WordPiece), batch=32768, steps=100000, samples=16, fsdp=1,
+    imagenet_dir (TFDS data_dir holding imagenet2012 for the zero-shot eval; empty: no eval)
+
+Global batch 32k spread over the mesh's data (and optional FSDP) axes; HET-XL noise on the
+image embedding in the 512-d shared space, temperature learned in [0.01, 1] (log-bounded).
+"""
+
+from configs import blocks
+
+IMAGE_SIZE, TEXT_LENGTH = 224, 64
+
+
+def get_config(arg=None):
+    args = blocks.parse_arg(
+        arg,
+        dict(
+            files="pairs-*.tfrecord",
+            tokenizer="minilm",
+            batch=32768,
+            steps=100_000,
+            samples=16,
+            fsdp=1,
+            imagenet_dir="",
+        ),
+    )
+    tokenizer = (
+        args["tokenizer"] if args["tokenizer"] == "minilm" else f"sentencepiece:{args['tokenizer']}"
+    )
+    vocab_size = 30522 if tokenizer == "minilm" else 32_000
+    temperature, _ = blocks.contrastive_temperature("hetxl")
+    evals = {}
+    if args["imagenet_dir"]:
+        evals["imagenet_zeroshot"] = blocks.zeroshot_eval(
+            "imagenet1k",
+            dict(
+                source=dict(
+                    name="tfds",
+                    dataset="imagenet2012",
+                    data_dir=args["imagenet_dir"],
+                    split="validation",
+                    label_key="label",
+                ),
+                pp="decode|resize_small(256)|central_crop(224)|value_range(-1, 1)",
+                batch_size=1024,
+                shuffle_buffer=0,
+                num_epochs=1,
+            ),
+            TEXT_LENGTH,
+            every_steps=5000,
+            tokenizer=tokenizer,
+        )
+    return blocks.config_dict(
+        task="contrastive",
+        seed=0,
+        input=dict(
+            source=dict(name="tfrecord", files=args["files"]),
+            pp=(
+                f"decode|inception_crop({IMAGE_SIZE})|flip_lr|value_range(-1, 1)|"
+                f"tokenize(max_len={TEXT_LENGTH}, model='{tokenizer}')"
+            ),
+            batch_size=args["batch"],
+            shuffle_buffer=250_000,
+            seed=0,
+            prefetch=2,
+        ),
+        model=dict(
+            image_tower=dict(
+                name="vit", variant="B/16", pool_type="map", scan=True, dtype_mm="bfloat16"
+            ),
+            text_tower=dict(
+                name="text_transformer",
+                variant="B",
+                vocab_size=vocab_size,
+                max_len=TEXT_LENGTH,
+                pool_type="last",
+                scan=True,
+                dtype_mm="bfloat16",
+            ),
+            embed_dim=512,
+            noise=blocks.hetxl_noise("hetxl", num_factors=16),
+            temperature=temperature,
+            image_size=IMAGE_SIZE,
+            text_length=TEXT_LENGTH,
+        ),
+        loss=blocks.loss_block("hetxl", samples=args["samples"], sample_chunk=4, column_chunk=4096),
+        optim=blocks.adamw(lr=1e-3, weight_decay=1e-4, warmup_steps=10_000, schedule="cosine"),
+        total_steps=args["steps"],
+        log_every=100,
+        evals=evals,
+        mesh=dict(data=-1, fsdp=args["fsdp"]),
+        checkpoint=dict(every_steps=2000, keep=3, async_save=True),
+        max_nonfinite_in_a_row=20,
+    )

@@ -1,0 +1,61 @@
+"""LiT with HET-XL: a locked, pretrained big_vision ViT-B/16 and the pretrained MiniLM text encoder.
+
+    python -m scripts.train --config configs/lit_hetxl.py:npz=B_16.npz,files=pairs-*.tfrecord \
+        --workdir runs/lit
+    args: npz (big_vision ViT-B/16 checkpoint), files (TFRecord glob), batch=16384,
+    steps=50000, lock_text=false
+
+The image tower is frozen (no gradients through it, no optimizer state); the text tower starts
+from all-MiniLM-L6-v2 and is fine-tuned unless lock_text; both projections, the HET-XL noise
+layers and the temperature train.
+"""
+
+from configs import blocks
+
+IMAGE_SIZE, TEXT_LENGTH = 224, 32
+
+
+def get_config(arg=None):
+    args = blocks.parse_arg(
+        arg,
+        dict(
+            npz="B_16.npz",
+            files="pairs-*.tfrecord",
+            batch=16384,
+            steps=50_000,
+            lock_text=False,
+        ),
+    )
+    freeze = ["img/(?!head/).*"] + (["txt/(?!head/).*"] if args["lock_text"] else [])
+    temperature, _ = blocks.contrastive_temperature("hetxl")
+    return blocks.config_dict(
+        task="contrastive",
+        seed=0,
+        input=dict(
+            source=dict(name="tfrecord", files=args["files"]),
+            pp=(
+                f"decode|resize_small(256)|central_crop({IMAGE_SIZE})|value_range(-1, 1)|"
+                f"tokenize(max_len={TEXT_LENGTH}, model='minilm')"
+            ),
+            batch_size=args["batch"],
+            shuffle_buffer=100_000,
+            seed=0,
+        ),
+        model=dict(
+            image_tower=dict(name="vit", variant="B/16", pool_type="tok"),
+            text_tower=dict(name="bert_minilm"),
+            embed_dim=512,
+            noise=blocks.hetxl_noise("hetxl", num_factors=16),
+            temperature=temperature,
+            image_size=IMAGE_SIZE,
+            text_length=TEXT_LENGTH,
+        ),
+        model_init=dict(image=dict(npz=args["npz"]), text="minilm"),
+        loss=blocks.loss_block("hetxl", samples=16, sample_chunk=4, column_chunk=4096),
+        optim=blocks.adamw(lr=1e-3, weight_decay=1e-4, warmup_steps=5000, freeze=freeze),
+        total_steps=args["steps"],
+        log_every=100,
+        evals={},
+        mesh=dict(data=-1, fsdp=1),
+        checkpoint=dict(every_steps=2000, keep=3, async_save=True),
+    )

@@ -1,0 +1,132 @@
+"""The trainer's config: top-level keys, their meaning, and validation before anything compiles.
+
+    task             "contrastive" (two towers + clip | siglip | hetxl loss) or "classification"
+                     (image tower + DET / HET / HET-XL head)
+    seed             int; parameters, noise draws and the input order derive from it
+    input            training input, see data/config.py
+    model            contrastive: models.two_towers.MODEL_KEYS; classification: CLASSIFIER_KEYS
+    model_init       {"image": None | {"npz": path, "dont_load": [...]}, "text": None | "minilm"}
+    loss             contrastive: {"name": "clip" | "siglip" | "hetxl", **that loss's options}
+    optim            see contrastive/optim.py
+    total_steps | total_epochs | total_examples     exactly one of them
+    log_every        steps between metric lines
+    evals            {name: {"kind": "zeroshot" | "classification", "every_steps": int, ...}}
+    mesh             {"data": int, "fsdp": int}, one of them -1 (all remaining devices)
+    checkpoint       {"every_steps": int, "keep": int, "async_save": bool}
+    max_nonfinite_in_a_row   halt after this many consecutive skipped (non-finite) updates
+
+Every problem found is reported at once, naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+TOP_LEVEL = {
+    "task": str,
+    "seed": int,
+    "input": Mapping,
+    "model": Mapping,
+    "model_init": Mapping,
+    "loss": Mapping,
+    "optim": Mapping,
+    "total_steps": int,
+    "total_epochs": (int, float),
+    "total_examples": int,
+    "log_every": int,
+    "evals": Mapping,
+    "mesh": Mapping,
+    "checkpoint": Mapping,
+    "max_nonfinite_in_a_row": int,
+}
+REQUIRED = ("task", "input", "model", "optim")
+DURATIONS = ("total_steps", "total_epochs", "total_examples")
+TASKS = ("contrastive", "classification")
+CLASSIFIER_KEYS = (
+    "image_tower",
+    "num_classes",
+    "head",
+    "likelihood",
+    "noise",
+    "temperature",
+    "image_size",
+)
+CHECKPOINT_KEYS = {"every_steps": int, "keep": int, "async_save": bool}
+EVAL_KEYS = {
+    "zeroshot": ("kind", "every_steps", "dataset", "input", "tokenizer", "text_length"),
+    "classification": ("kind", "every_steps", "input"),
+}
+MODEL_INIT_KEYS = ("image", "text")
+
+
+class ConfigError(ValueError):
+    """An invalid trainer config; the message lists every problem."""
+
+
+def as_dict(value: Any) -> Any:
+    """ConfigDict -> plain dict (recursively), anything else unchanged."""
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def validate_structure(config: Mapping[str, Any]) -> list[str]:
+    """Problems with the top level and the trainer-owned blocks (the data, model, loss and optim
+    blocks are checked by their own modules)."""
+    problems = []
+    unknown = sorted(set(config) - set(TOP_LEVEL))
+    if unknown:
+        problems.append(f"unknown top-level key(s) {unknown}; known: {sorted(TOP_LEVEL)}")
+    for key in REQUIRED:
+        if key not in config:
+            problems.append(f"missing top-level key {key!r}")
+    for key, kind in TOP_LEVEL.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) and kind is int or not isinstance(value, kind):
+            problems.append(f"{key}={value!r} has the wrong type")
+    if config.get("task") is not None and config.get("task") not in TASKS:
+        problems.append(f"task={config.get('task')!r} is unknown; known: {list(TASKS)}")
+    given = [key for key in DURATIONS if config.get(key) is not None]
+    if len(given) != 1:
+        problems.append(f"give exactly one of {list(DURATIONS)}, got {given or 'none'}")
+    for key in (*DURATIONS, "log_every", "max_nonfinite_in_a_row"):
+        value = config.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            problems.append(f"{key}={value} must be > 0")
+    if config.get("task") == "classification" and isinstance(config.get("model"), Mapping):
+        unknown = sorted(set(config["model"]) - set(CLASSIFIER_KEYS))
+        if unknown:
+            problems.append(f"unknown model key(s) {unknown}; known: {list(CLASSIFIER_KEYS)}")
+    problems += _check_block(config.get("checkpoint"), "checkpoint", CHECKPOINT_KEYS)
+    init = config.get("model_init") or {}
+    unknown = sorted(set(init) - set(MODEL_INIT_KEYS))
+    if unknown:
+        problems.append(f"unknown model_init key(s) {unknown}; known: {list(MODEL_INIT_KEYS)}")
+    for name, block in (config.get("evals") or {}).items():
+        kind = block.get("kind") if isinstance(block, Mapping) else None
+        if kind not in EVAL_KEYS:
+            problems.append(f"evals.{name}.kind={kind!r} is unknown; known: {sorted(EVAL_KEYS)}")
+            continue
+        unknown = sorted(set(block) - set(EVAL_KEYS[kind]))
+        if unknown:
+            problems.append(f"unknown key(s) {unknown} in evals.{name}; known: {EVAL_KEYS[kind]}")
+        if not isinstance(block.get("every_steps"), int) or block["every_steps"] <= 0:
+            problems.append(f"evals.{name}.every_steps must be a positive int")
+    return problems
+
+
+def _check_block(block, where: str, schema: Mapping[str, type]) -> list[str]:
+    if block is None:
+        return []
+    problems = []
+    unknown = sorted(set(block) - set(schema))
+    if unknown:
+        problems.append(f"unknown key(s) {unknown} in {where}; known: {sorted(schema)}")
+    for key, kind in schema.items():
+        value = block.get(key)
+        if value is not None and (
+            not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        ):
+            problems.append(f"{where}.{key}={value!r} should be {kind.__name__}")
+    return problems

@@ -1,0 +1,37 @@
+"""Curves of a run (loss, temperature, zero-shot accuracy) as a PNG, from metrics.jsonl."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS = (
+    ("loss", "training loss"),
+    ("tau", "temperature tau"),
+    ("zeroshot_top1", "zero-shot top-1"),
+)
+
+
+def plot_curves(rows: Sequence[dict], path: str | Path) -> Path:
+    """One panel per metric of PANELS present in rows (a metric absent everywhere is skipped)."""
+    panels = [(key, title) for key, title in PANELS if any(key in row for row in rows)]
+    if not panels:
+        raise ValueError(f"no metric of {[key for key, _ in PANELS]} in the rows")
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for axis, (key, title) in zip(axes[0], panels, strict=True):
+        points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
+        steps, values = zip(*points, strict=True)
+        axis.plot(steps, values, marker="o" if len(points) < 20 else None)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -1,0 +1,355 @@
+"""One trainer for every method: CLIP, SigLIP, LiT, DET / HET / HET-XL contrastive, classification.
+
+Read top to bottom: config -> mesh -> input -> model and objective -> optimizer -> state
+(fresh or restored) -> step -> evaluators -> loop (log, evaluate, checkpoint, preemption).
+The method is chosen by the config alone (contrastive/config_schema.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+from jax.experimental import multihost_utils
+
+from contrastive import config_schema
+from contrastive.checkpoint import Checkpointer, PreemptionGuard
+from contrastive.config_schema import ConfigError, as_dict
+from contrastive.evaluators.classification import ClassificationEvaluator
+from contrastive.evaluators.zeroshot import ZeroShotEvaluator
+from contrastive.freezing import frozen_mask
+from contrastive.losses import make_loss
+from contrastive.mesh import BATCH_AXES, make_mesh
+from contrastive.metric_logging import MetricLogger, Progress, log_primary
+from contrastive.objectives import classification_objective, contrastive_objective
+from contrastive.optim import make_optimizer, validate_optim_config
+from contrastive.step import abstract_train_state, init_train_state, make_train_step
+from data.config import validate_input_config
+from data.pipeline import make_global_iterator, make_local_iterator
+from data.sources import make_source
+from data.tokenizers import make_tokenizer
+from data.zeroshot_texts import classnames_and_templates, zero_shot_prompts
+from models.classifier import ImageClassifier
+from models.heteroscedastic import NoiseConfig, TemperatureConfig
+from models.two_towers import example_inputs, load_pretrained_towers, two_towers_from_config
+
+
+@dataclasses.dataclass
+class Task:
+    """What differs between methods: the model, its objective, and how parameters start."""
+
+    model: Any
+    objective: Callable
+    init_params: Callable[[jax.Array], Any]
+    load_params: Callable[[Any], Any] | None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    preempted: bool
+    metrics: dict
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+def validate_config(config) -> dict:
+    """All checks that need no data or compilation; returns the config as a plain dict."""
+    values = as_dict(config)
+    problems = config_schema.validate_structure(values)
+    checks = [("input", lambda: validate_input_config(values["input"]))]
+    if values.get("task") == "contrastive":
+        checks.append(("model", lambda: two_towers_from_config(values["model"])))
+        checks.append(("loss", lambda: make_loss(**_loss_options(values))))
+    elif values.get("task") == "classification":
+        checks.append(("model", lambda: _classifier(values["model"])))
+    for name, block in (values.get("evals") or {}).items():
+        if isinstance(block, Mapping) and isinstance(block.get("input"), Mapping):
+            checks.append(
+                (f"evals.{name}.input", lambda b=block: validate_input_config(b["input"]))
+            )
+    for where, check in checks:
+        if where.split(".")[0] in values:
+            try:
+                check()
+            except (ValueError, TypeError, KeyError) as error:
+                problems.append(f"{where}: {error}")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return values
+
+
+def _loss_options(values) -> dict:
+    loss = dict(values.get("loss") or {})
+    if "name" not in loss:
+        raise ValueError("loss needs a 'name' (clip, siglip or hetxl)")
+    return loss
+
+
+def _classifier(model: Mapping[str, Any]) -> ImageClassifier:
+    model = dict(model)
+    return ImageClassifier(
+        image_tower=dict(model["image_tower"]),
+        num_classes=model["num_classes"],
+        head=model.get("head", "hetxl"),
+        likelihood=model.get("likelihood", "softmax"),
+        noise=NoiseConfig(**dict(model.get("noise") or {})),
+        temperature=TemperatureConfig(**dict(model.get("temperature") or {})),
+    )
+
+
+def total_steps(values: Mapping[str, Any], train_examples: int | None) -> int:
+    """Training length in steps from total_steps, total_epochs or total_examples."""
+    batch = values["input"]["batch_size"]
+    if values.get("total_steps") is not None:
+        return int(values["total_steps"])
+    if values.get("total_examples") is not None:
+        return max(1, math.ceil(values["total_examples"] / batch))
+    if train_examples is None:
+        raise ConfigError("total_epochs needs a source of known size; give total_steps instead")
+    return max(1, math.ceil(values["total_epochs"] * train_examples / batch))
+
+
+def resolve_total_steps(values: Mapping[str, Any]) -> int:
+    """total_steps(), reading the training source's size only when the length is in epochs."""
+    train_examples = None
+    if values.get("total_epochs") is not None:
+        train_input = validate_input_config(values["input"])
+        source = make_source(train_input.source_name, **train_input.source_options)
+        train_examples = source.num_examples()
+    return total_steps(values, train_examples)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and objective
+
+
+def build_task(values: Mapping[str, Any], mesh) -> Task:
+    if values["task"] == "classification":
+        model = _classifier(values["model"])
+        size = values["model"]["image_size"]
+        images = np.zeros((1, size, size, 3), np.float32)
+        labels = np.zeros((1,), np.int32)
+
+        def init_classifier(key):
+            noise_key, params_key = jax.random.split(key)
+            rngs = {"params": params_key, "noise": noise_key}
+            return model.init(rngs, images, labels, train=True)["params"]
+
+        return Task(model, classification_objective(model), init_classifier, None)
+
+    model = two_towers_from_config(values["model"])
+    images, tokens = example_inputs(values["model"])
+
+    def init_two_towers(key):
+        return model.init(key, images, tokens)["params"]
+
+    model_init = values.get("model_init") or {}
+    load = None
+    if model_init.get("image") or model_init.get("text"):
+
+        def load(params):
+            return load_pretrained_towers(params, model_init.get("image"), model_init.get("text"))
+
+    loss = make_loss(**_loss_options(values))
+    return Task(model, contrastive_objective(model, loss, mesh), init_two_towers, load)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluators
+
+
+def build_evaluators(values: Mapping[str, Any], task: Task, mesh) -> dict[str, tuple[int, Any]]:
+    """{name: (every_steps, evaluator with .run(params) -> metrics)}."""
+    evaluators = {}
+    for name, block in (values.get("evals") or {}).items():
+        eval_input = validate_input_config(block["input"])
+        local_batch = eval_input.batch_size // jax.process_count()
+
+        def batches(eval_input=eval_input):
+            return make_local_iterator(eval_input)
+
+        if block["kind"] == "zeroshot":
+            classnames, templates = classnames_and_templates(block["dataset"])
+            prompts = zero_shot_prompts(classnames, templates)
+            tokenizer = make_tokenizer(block["tokenizer"])
+            tokens = tokenizer.tokenize(tf.constant(prompts), block["text_length"]).numpy()
+            evaluator = ZeroShotEvaluator(
+                task.model, tokens, len(classnames), batches, local_batch, mesh
+            )
+        else:
+            evaluator = ClassificationEvaluator(task.model, batches, local_batch, mesh)
+        evaluators[name] = (block["every_steps"], evaluator)
+    return evaluators
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def preemption_requested(guard: PreemptionGuard) -> bool:
+    """True on every process as soon as any process received SIGTERM (a checkpoint is a
+    collective: all processes must decide to save at the same step)."""
+    if jax.process_count() == 1:
+        return guard.requested
+    flags = multihost_utils.process_allgather(np.asarray([guard.requested], np.int32))
+    return bool(np.any(flags))
+
+
+def train(config, workdir: str | Path) -> TrainResult:
+    """Trains (or resumes from the latest checkpoint in workdir) until the configured length or
+    a SIGTERM; returns the last step, whether it was preempted and the last logged metrics."""
+    values = validate_config(config)
+    workdir = Path(workdir)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(values, indent=2, default=str))
+
+    # --- Length, then the optimizer block checked against it (still before reading data)
+    train_input = validate_input_config(values["input"])
+    if train_input.num_epochs is not None:
+        raise ConfigError("input.num_epochs must be None for training (the length is total_*)")
+    num_steps = resolve_total_steps(values)
+    try:
+        validate_optim_config(dict(values["optim"]), num_steps)
+    except ValueError as error:
+        raise ConfigError(f"invalid config:\n  optim: {error}") from error
+
+    # --- Mesh and input
+    mesh = make_mesh(values.get("mesh"))
+    train_iter = make_global_iterator(train_input, mesh, BATCH_AXES)
+
+    # --- Model, objective, optimizer
+    task = build_task(values, mesh)
+    rng = jax.random.key(values.get("seed", 0))
+    param_shapes = jax.eval_shape(task.init_params, rng)
+    optim = dict(values["optim"])
+    optimizer, schedule = make_optimizer(optim, num_steps, param_shapes)
+    freeze_rules = optim.get("freeze") or []
+    frozen = frozen_mask(param_shapes, freeze_rules) if freeze_rules else None
+
+    # --- State: restored from the latest checkpoint, or fresh
+    checkpoint = values.get("checkpoint") or {}
+    checkpointer = Checkpointer(
+        workdir / "checkpoints",
+        keep=checkpoint.get("keep", 3),
+        async_save=checkpoint.get("async_save", True),
+    )
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        abstract, shardings = abstract_train_state(task.init_params, optimizer, rng, mesh)
+        state, input_state, _ = checkpointer.restore(latest, abstract)
+        if input_state is not None:
+            train_iter.set_state(input_state)
+        log_primary(f"resumed from step {latest} in {workdir}")
+    else:
+        state, shardings = init_train_state(
+            task.init_params, optimizer, rng, mesh, load_params=task.load_params
+        )
+    step_fn = make_train_step(task.objective, optimizer, mesh, shardings, frozen)
+    evaluators = build_evaluators(values, task, mesh)
+
+    # --- Loop
+    first_step = int(state.step)
+    log_every = values.get("log_every", 50)
+    checkpoint_every = checkpoint.get("every_steps", 1000)
+    max_nonfinite = values.get("max_nonfinite_in_a_row", 10)
+    logger = MetricLogger(workdir, resume_step=first_step)
+    progress = Progress(num_steps, first_step, train_input.batch_size, mesh.size)
+    last_metrics: dict = {}
+    preempted = False
+
+    def save(step):
+        checkpointer.save(
+            step,
+            state,
+            input_state=train_iter.get_state(),
+            metadata={"step": step, "config": values},
+        )
+
+    with PreemptionGuard() as guard:
+        for step in range(first_step + 1, num_steps + 1):
+            state, metrics = step_fn(state, next(train_iter))
+            is_last = step == num_steps
+            due_log = step % log_every == 0 or is_last
+            due_evals = {
+                n: e for n, (every, e) in evaluators.items() if step % every == 0 or is_last
+            }
+            if due_log or due_evals:
+                metrics = jax.device_get(metrics)
+                metrics["learning_rate"] = float(schedule(step - 1))
+                metrics["examples_per_sec"] = progress.rate(step)
+                metrics.update({f"skipped_{k}": v for k, v in train_iter.skipped().items()})
+                log_primary(
+                    progress.line(step, float(metrics["loss"]), metrics["examples_per_sec"])
+                )
+                for name, evaluator in due_evals.items():
+                    results = evaluator.run(state.params)
+                    log_primary(
+                        f"step {step} | {name}: "
+                        + ", ".join(f"{k} {v:.4f}" for k, v in results.items())
+                    )
+                    metrics.update(results)
+                progress.rate(step)  # evaluation time does not count against throughput
+                last_metrics = logger.write(step, metrics)
+            if int(state.nonfinite_in_a_row) >= max_nonfinite:
+                checkpointer.wait_until_finished()
+                raise FloatingPointError(
+                    f"{int(state.nonfinite_in_a_row)} non-finite updates in a row at step {step}; "
+                    f"the last checkpoint holds finite parameters"
+                )
+            if preemption_requested(guard):
+                save(step)
+                preempted = True
+                log_primary(f"termination requested: saved step {step} and stopped")
+                break
+            if step % checkpoint_every == 0 or is_last:
+                save(step)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    logger.close()
+    return TrainResult(int(state.step), preempted, last_metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reloading a run
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    values: dict
+    task: Task
+    mesh: Any
+    state: Any
+    step: int
+
+
+def load_trained(workdir: str | Path, step: int | None = None) -> TrainedRun:
+    """The config a run saved in workdir and its state at `step` (default: the latest)."""
+    workdir = Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{workdir} holds no config.json: is it a training workdir?")
+    values = validate_config(json.loads(config_path.read_text()))
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no finished checkpoint")
+    mesh = make_mesh(values.get("mesh"))
+    task = build_task(values, mesh)
+    rng = jax.random.key(values.get("seed", 0))
+    param_shapes = jax.eval_shape(task.init_params, rng)
+    optimizer, _ = make_optimizer(dict(values["optim"]), resolve_total_steps(values), param_shapes)
+    abstract, _ = abstract_train_state(task.init_params, optimizer, rng, mesh)
+    state, _, _ = checkpointer.restore(step, abstract)
+    checkpointer.close()
+    return TrainedRun(values, task, mesh, state, step)

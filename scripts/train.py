@@ -1,0 +1,45 @@
+"""Train any method from a config file.
+
+    python -m scripts.train --config configs/demo.py[:arg] --workdir DIR [--config.a.b=value ...]
+
+Restarts from the latest checkpoint in DIR automatically. SIGTERM saves a checkpoint and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from contrastive.trainer import train
+from scripts.config_loader import load_config
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate "--config.a.b=value" (or "--config.a.b value") overrides from other arguments."""
+    overrides, rest = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg.startswith("--config."):
+            body = arg[len("--config.") :]
+            overrides.append(body if "=" in body else f"{body}={next(args)}")
+        else:
+            rest.append(arg)
+    return overrides, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides, rest = split_overrides(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
+    parser.add_argument("--workdir", required=True)
+    args = parser.parse_args(rest)
+    logging.basicConfig(level=logging.WARNING)
+    config = load_config(args.config, overrides)
+    result = train(config, args.workdir)
+    print(f"finished at step {result.step}" + (" (preempted)" if result.preempted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
