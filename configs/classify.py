@@ -46,7 +46,8 @@ def get_config(arg=None):
             return dict(name="fashion_mnist", data_dir=blocks.FASHION_MNIST_DIR, split=split)
 
         train_split, eval_split = "train", "test"
-    pp = f"decode|resize({size})|value_range(-1, 1)"
+    # Label-only sources still attach a caption built from the class names: not needed here.
+    pp = f"decode|resize({size})|value_range(-1, 1)|drop('text')"
     temperature = (
         dict(mode="bounded", lo=0.05, hi=5.0)
         if args["head"] == "hetxl"
@@ -57,7 +58,7 @@ def get_config(arg=None):
         seed=0,
         input=dict(
             source=source(train_split),
-            pp=f"decode|resize({size})|flip_lr|value_range(-1, 1)",
+            pp=f"decode|resize({size})|flip_lr|value_range(-1, 1)|drop('text')",
             batch_size=args["batch"],
             shuffle_buffer=10_000,
             seed=0,
