@@ -348,7 +348,8 @@ def check_mesh(global_batch_size: int, mesh: Mesh, data_axis: str | tuple[str, .
     axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
     missing = [axis for axis in axes if axis not in mesh.axis_names]
     if missing:
-        raise ValueError(f"mesh has no axis {missing}; axes: {mesh.axis_names}")
+        names = ", ".join(repr(axis) for axis in missing)
+        raise ValueError(f"mesh has no axis {names}; axes: {mesh.axis_names}")
     size = int(np.prod([mesh.shape[axis] for axis in axes]))
     if global_batch_size % size:
         raise ValueError(

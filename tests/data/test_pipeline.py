@@ -134,7 +134,7 @@ def test_global_arrays_are_sharded_on_the_data_axis(fashion_dir, mesh_shape, axe
 
 def test_global_batch_must_divide_the_data_axis(fashion_dir):
     mesh = jax.make_mesh((8,), ("data",))
-    with pytest.raises(ValueError, match="not divisible by the mesh's 'data' axis size 8"):
+    with pytest.raises(ValueError, match="not divisible by the mesh's 'data' size 8"):
         make_global_iterator(fashion_config(fashion_dir, batch_size=12), mesh)
     with pytest.raises(ValueError, match="no axis 'batch'"):
         make_global_iterator(fashion_config(fashion_dir), mesh, data_axis="batch")
