@@ -14,6 +14,8 @@
     mesh             {"data": int, "fsdp": int}, one of them -1 (all remaining devices)
     checkpoint       {"every_steps": int, "keep": int, "async_save": bool}
     max_nonfinite_in_a_row   halt after this many consecutive skipped (non-finite) updates
+    accum_steps      contrastive only: split each batch into this many microbatches for memory,
+                     keeping every negative of the full batch (contrastive/accumulation.py)
 
 Every problem found is reported at once, naming the key.
 """
@@ -39,6 +41,7 @@ TOP_LEVEL = {
     "mesh": Mapping,
     "checkpoint": Mapping,
     "max_nonfinite_in_a_row": int,
+    "accum_steps": int,
 }
 REQUIRED = ("task", "input", "model", "optim")
 DURATIONS = ("total_steps", "total_epochs", "total_examples")
@@ -90,7 +93,9 @@ def validate_structure(config: Mapping[str, Any]) -> list[str]:
     given = [key for key in DURATIONS if config.get(key) is not None]
     if len(given) != 1:
         problems.append(f"give exactly one of {list(DURATIONS)}, got {given or 'none'}")
-    for key in (*DURATIONS, "log_every", "max_nonfinite_in_a_row"):
+    if config.get("accum_steps", 1) != 1 and config.get("task") != "contrastive":
+        problems.append("accum_steps > 1 is for task='contrastive' (it keeps all negatives)")
+    for key in (*DURATIONS, "log_every", "max_nonfinite_in_a_row", "accum_steps"):
         value = config.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
             problems.append(f"{key}={value} must be > 0")

@@ -83,9 +83,7 @@ def init_train_state(
     params = jax.jit(init_params, out_shardings=shardings.params)(rng)
     if load_params is not None:
         params = jax.device_put(load_params(jax.device_get(params)), shardings.params)
-    state = jax.jit(
-        lambda p: _fresh_state(p, optimizer, rng), out_shardings=shardings
-    )(params)
+    state = jax.jit(lambda p: _fresh_state(p, optimizer, rng), out_shardings=shardings)(params)
     return state, shardings
 
 
@@ -95,12 +93,16 @@ def make_train_step(
     mesh: Mesh,
     state_sharding: Any,
     frozen: Any = None,
+    value_and_grad: Callable | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """jit(step)(state, batch) -> (state, metrics); the input state's buffers are donated.
 
     frozen: optional tree like the params with True for frozen leaves (see contrastive.freezing).
     Their gradient is stopped before the backward pass, so XLA does not backpropagate through a
     locked tower at all; the optimizer (wrapped by `freezing.freeze`) gives them zero updates.
+    value_and_grad: optional (params, batch, rng) -> ((loss, metrics), grads) replacing autodiff
+    of the objective, e.g. gradient accumulation over microbatches (contrastive/accumulation.py),
+    which then handles `frozen` itself.
     """
 
     def trainable_view(params):
@@ -112,9 +114,12 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, metrics), grads = jax.value_and_grad(
-            lambda params: objective(trainable_view(params), batch, rng), has_aux=True
-        )(state.params)
+        if value_and_grad is None:
+            (loss, metrics), grads = jax.value_and_grad(
+                lambda params: objective(trainable_view(params), batch, rng), has_aux=True
+            )(state.params)
+        else:
+            (loss, metrics), grads = value_and_grad(state.params, batch, rng)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)

@@ -20,6 +20,7 @@ import tensorflow as tf
 from jax.experimental import multihost_utils
 
 from contrastive import config_schema
+from contrastive.accumulation import accumulated_contrastive_value_and_grad, check_microbatching
 from contrastive.checkpoint import Checkpointer, PreemptionGuard
 from contrastive.config_schema import ConfigError, as_dict
 from contrastive.evaluators.classification import ClassificationEvaluator
@@ -49,6 +50,7 @@ class Task:
     objective: Callable
     init_params: Callable[[jax.Array], Any]
     load_params: Callable[[Any], Any] | None
+    loss: Any = None  # the contrastive loss (None for classification)
 
 
 @dataclasses.dataclass
@@ -161,7 +163,7 @@ def build_task(values: Mapping[str, Any], mesh) -> Task:
             return load_pretrained_towers(params, model_init.get("image"), model_init.get("text"))
 
     loss = make_loss(**_loss_options(values))
-    return Task(model, contrastive_objective(model, loss, mesh), init_two_towers, load)
+    return Task(model, contrastive_objective(model, loss, mesh), init_two_towers, load, loss)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,6 +228,8 @@ def train(config, workdir: str | Path) -> TrainResult:
 
     # --- Mesh and input
     mesh = make_mesh(values.get("mesh"))
+    accum_steps = values.get("accum_steps", 1)
+    check_microbatching(train_input.batch_size, accum_steps, mesh.size)
     train_iter = make_global_iterator(train_input, mesh, BATCH_AXES)
 
     # --- Model, objective, optimizer
@@ -255,7 +259,12 @@ def train(config, workdir: str | Path) -> TrainResult:
         state, shardings = init_train_state(
             task.init_params, optimizer, rng, mesh, load_params=task.load_params
         )
-    step_fn = make_train_step(task.objective, optimizer, mesh, shardings, frozen)
+    value_and_grad = None
+    if accum_steps > 1:
+        value_and_grad = accumulated_contrastive_value_and_grad(
+            task.model, task.loss, mesh, accum_steps, frozen=frozen
+        )
+    step_fn = make_train_step(task.objective, optimizer, mesh, shardings, frozen, value_and_grad)
     evaluators = build_evaluators(values, task, mesh)
 
     # --- Loop

@@ -55,7 +55,9 @@ class ClassificationEvaluator:
         num_bins: int = 15,
     ):
         self.make_local_batches, self.local_batch_size, self.mesh = (
-            make_local_batches, local_batch_size, mesh,
+            make_local_batches,
+            local_batch_size,
+            mesh,
         )
 
         def statistics(params, batch):

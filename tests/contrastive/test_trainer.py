@@ -260,3 +260,18 @@ def test_config_errors_name_the_culprit_before_anything_runs(fashion_dir, change
     change(config)
     with pytest.raises(ConfigError, match=message):
         validate_config(config)
+
+
+def test_gradient_accumulation_reproduces_the_full_batch_run(fashion_dir, tmp_path):
+    losses = {}
+    for accum_steps in (1, 2):
+        config = contrastive_config(fashion_dir, "clip", steps=3)
+        config.evals = {}
+        config.log_every = 1
+        with config.unlocked():
+            config.accum_steps = accum_steps
+        train(config, tmp_path / str(accum_steps))
+        losses[accum_steps] = [row["loss"] for row in read_metrics(tmp_path / str(accum_steps))]
+    # Same negatives, same updates: the microbatched run follows the full-batch one.
+    np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
+    assert len(losses[1]) == 3
