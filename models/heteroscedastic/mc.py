@@ -202,20 +202,30 @@ def _valid_samples(sample_ids: jax.Array, num_samples: int, ndim: int) -> jax.Ar
     return (sample_ids < num_samples).reshape(sample_ids.shape + (1,) * (ndim - 1))
 
 
-def _scan_chunks(chunk_fn, num_chunks: int, combine):
-    """combine(chunk_fn(0), chunk_fn(1), ...) with a scan over chunks 1..n-1.
+def _filled_like(struct: jax.ShapeDtypeStruct, value: float) -> jax.Array:
+    """An array of `value` with struct's shape, dtype and, inside shard_map, device-variance.
 
-    The first chunk seeds the carry, so the carry has the exact type (shape, dtype and, inside
-    shard_map, device-variance) that chunk_fn produces.
+    A scan's carry must have the type its body produces; under shard_map that includes the mesh
+    axes the value varies over, which eval_shape reports and pcast applies.
     """
-    first = chunk_fn(0)
-    if num_chunks == 1:
-        return first
+    filled = jnp.full(struct.shape, value, struct.dtype)
+    axis_type = getattr(struct, "manual_axis_type", None)
+    varying = tuple(sorted(axis_type.varying)) if axis_type is not None else ()
+    return jax.lax.pcast(filled, varying, to="varying") if varying else filled
+
+
+def _scan_chunks(chunk_fn, num_chunks: int, combine, fill: float):
+    """combine(...combine(init, chunk_fn(0))..., chunk_fn(n - 1)) as one scan over all chunks.
+
+    The carry starts as `fill` (the identity of `combine`) with chunk_fn's exact output type, so
+    every chunk runs in the same loop body and one chunk's buffers are live at a time.
+    """
+    initial = jax.tree.map(lambda struct: _filled_like(struct, fill), jax.eval_shape(chunk_fn, 0))
 
     def body(carry, chunk_index):
         return combine(carry, chunk_fn(chunk_index)), None
 
-    return jax.lax.scan(body, first, jnp.arange(1, num_chunks))[0]
+    return jax.lax.scan(body, initial, jnp.arange(num_chunks))[0]
 
 
 def _forward_scan(sample_fn, diff_operands, aux_operands, key, num_samples, chunk_size):
@@ -227,7 +237,7 @@ def _forward_scan(sample_fn, diff_operands, aux_operands, key, num_samples, chun
         valid = _valid_samples(sample_ids, num_samples, values.ndim)
         return jax.nn.logsumexp(jnp.where(valid, values, -jnp.inf), axis=0)
 
-    return _scan_chunks(chunk_log_sum, num_chunks, jnp.logaddexp)
+    return _scan_chunks(chunk_log_sum, num_chunks, jnp.logaddexp, -jnp.inf)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
@@ -263,7 +273,7 @@ def _log_mean_exp_bwd(sample_fn, num_samples, chunk_size, residuals, output_cota
         return pullback(weights)[0]
 
     gradient = _scan_chunks(
-        chunk_gradient, num_chunks, lambda total, part: jax.tree.map(jnp.add, total, part)
+        chunk_gradient, num_chunks, lambda total, part: jax.tree.map(jnp.add, total, part), 0.0
     )
     return (
         gradient,
