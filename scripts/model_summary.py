@@ -36,15 +36,23 @@ def summarize(model_config) -> dict:
     noise_params = sum(count(params[name]) for name in noise_names if name in params)
     total = count(params)
 
-    def tower_flops(method, inputs):
-        return flops(
-            compile_function(
-                lambda p, x: model.apply({"params": p}, x, method=method), params, inputs
-            )
-        )
+    # XLA's cost analysis counts a loop body once, so FLOPs are read off the unrolled towers
+    # (the same arithmetic: scan only changes how the layers are laid out).
+    unrolled_config = dict(model_config)
+    for tower in ("image_tower", "text_tower"):
+        if dict(model_config[tower]).get("scan"):
+            unrolled_config[tower] = {**model_config[tower], "scan": False}
+    unrolled = two_towers_from_config(unrolled_config)
+    unrolled_params = jax.eval_shape(unrolled.init, jax.random.key(0), images, tokens)["params"]
 
-    image_flops = tower_flops(model.embed_images, images)
-    text_flops = tower_flops(model.embed_texts, tokens)
+    def tower_flops(method_name, inputs):
+        def forward(p, x):
+            return unrolled.apply({"params": p}, x, method=getattr(unrolled, method_name))
+
+        return flops(compile_function(forward, unrolled_params, inputs))
+
+    image_flops = tower_flops("embed_images", images)
+    text_flops = tower_flops("embed_texts", tokens)
     return dict(
         image_tower_params=image_params,
         text_tower_params=text_params,

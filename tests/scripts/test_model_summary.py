@@ -63,3 +63,14 @@ def test_counts_and_flops(tmp_path, capsys):
     assert summary["flops_per_example"] == pytest.approx(
         summary["image_flops_per_example"] + summary["text_flops_per_example"]
     )
+
+
+def test_scanned_towers_report_the_flops_of_all_their_layers(tmp_path, capsys):
+    flops = {}
+    for scan in (False, True):
+        path = tmp_path / f"config_{scan}.py"
+        path.write_text(CONFIG.replace('pool_type="map")', f'pool_type="map", scan={scan})'))
+        model_summary.main(["--config", str(path), "--json"])
+        flops[scan] = json.loads(capsys.readouterr().out)["image_flops_per_example"]
+    # XLA counts a loop body once; the summary must still count all 12 layers.
+    assert flops[True] == pytest.approx(flops[False], rel=1e-3)
