@@ -24,7 +24,9 @@ def get_config(arg=None):
     )
     data_dir = args["data_dir"]
     temperature, bias_init = blocks.contrastive_temperature(args["loss"])
-    steps_per_epoch = 60_000 // args["batch"]
+    steps_per_epoch = -(
+        -60_000 // args["batch"]
+    )  # evaluations at whole epochs, the last at the end
     return blocks.config_dict(
         task="contrastive",
         seed=0,
