@@ -11,30 +11,19 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import blocks
+
 DEFAULTS = {
-    "data_dir": "/usr/share/datasets/fashion-mnist",
+    "data_dir": blocks.FASHION_MNIST_DIR,
     "split": "train",
-    "batch_size": "256",
-    "cupl": "false",
+    "batch_size": 256,
+    "cupl": False,
 }
-
-
-def _parse_arg(arg: str | None) -> dict[str, str]:
-    """ "split=test,batch_size=64" -> {"split": "test", "batch_size": "64"} over DEFAULTS."""
-    values = dict(DEFAULTS)
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in DEFAULTS:
-            raise ValueError(
-                f"config arg {item!r}: expected key=value with key in {list(DEFAULTS)}"
-            )
-        values[key] = value
-    return values
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """config.input for Fashion-MNIST; `arg` overrides data_dir, split, batch_size, cupl."""
-    values = _parse_arg(arg)
+    values = blocks.parse_arg(arg, DEFAULTS)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.input = ml_collections.ConfigDict(
@@ -43,15 +32,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 "name": "fashion_mnist",
                 "data_dir": values["data_dir"],
                 "split": values["split"],
-                "cupl": values["cupl"].lower() in ("1", "true", "yes"),
+                "cupl": values["cupl"],
             },
             # Grey 28x28 -> RGB 32x32 in [-1, 1]; 20 WordPiece tokens hold every caption
             # (the longest has 18).
             "pp": (
-                "decode|resize(32)|flip_lr|value_range(-1, 1)|"
-                "tokenize(max_len=20, model='minilm')"
+                "decode|resize(32)|flip_lr|value_range(-1, 1)|tokenize(max_len=20, model='minilm')"
             ),
-            "batch_size": int(values["batch_size"]),
+            "batch_size": values["batch_size"],
             "shuffle_buffer": 10_000,
             "seed": config.get_ref("seed"),
             "prefetch": 2,

@@ -19,7 +19,7 @@ import ml_collections
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no config file {path!r}")
+        raise FileNotFoundError(f"no config file {path}")
     module_spec = importlib.util.spec_from_file_location(f"config_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

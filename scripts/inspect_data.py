@@ -12,11 +12,9 @@ pays for start-up (filling the shuffle buffer).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,19 +22,7 @@ import numpy as np
 
 from data.config import validate_input_config
 from data.pipeline import make_global_iterator
-
-
-def load_config(spec: str) -> Any:
-    """"path/to/config.py[:arg]" -> get_config(arg) of that file."""
-    path, _, arg = spec.partition(":")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no config file {path}")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise AttributeError(f"{path} has no get_config()")
-    return module.get_config(arg) if arg else module.get_config()
+from scripts.config_loader import load_config
 
 
 def inspect(config: Any, num_batches: int) -> dict[str, Any]:
@@ -55,8 +41,9 @@ def inspect(config: Any, num_batches: int) -> dict[str, Any]:
             shapes = {k: [list(v.shape), str(v.dtype)] for k, v in batch.items()}
             first_done = time.perf_counter()
     end = time.perf_counter()
-    timed_batches, elapsed = (num_batches - 1, end - first_done) if num_batches > 1 \
-        else (1, end - start)
+    timed_batches, elapsed = (
+        (num_batches - 1, end - first_done) if num_batches > 1 else (1, end - start)
+    )
     return {
         "batches": num_batches,
         "examples": num_batches * cfg.batch_size,
@@ -83,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for key, (shape, dtype) in report["shapes"].items():
         print(f"{key:>6}: {dtype}{shape}")
-    print(f"{report['examples']} examples in {report['batches']} batches of {report['batch_size']} "
-          f"on {report['devices']} devices: {report['examples_per_sec']:.0f} examples/s")
+    print(
+        f"{report['examples']} examples in {report['batches']} batches of {report['batch_size']} "
+        f"on {report['devices']} devices: {report['examples_per_sec']:.0f} examples/s"
+    )
     print("skipped: " + ", ".join(f"{k}={v}" for k, v in report["skipped"].items()))
     print(f"iterator state: {report['state_bytes'] / 2**20:.1f} MiB")
     return 0
