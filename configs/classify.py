@@ -39,13 +39,11 @@ def get_config(arg=None):
                 label_key="label",
             )
 
-        train_split, eval_split = "train", "test"
     else:
 
         def source(split):
             return dict(name="fashion_mnist", data_dir=blocks.FASHION_MNIST_DIR, split=split)
 
-        train_split, eval_split = "train", "test"
     # Label-only sources still attach a caption built from the class names: not needed here.
     pp = f"decode|resize({size})|value_range(-1, 1)|drop('text')"
     temperature = (
@@ -57,7 +55,7 @@ def get_config(arg=None):
         task="classification",
         seed=0,
         input=dict(
-            source=source(train_split),
+            source=source("train"),
             pp=f"decode|resize({size})|flip_lr|value_range(-1, 1)|drop('text')",
             batch_size=args["batch"],
             shuffle_buffer=10_000,
@@ -93,7 +91,7 @@ def get_config(arg=None):
                 kind="classification",
                 every_steps=500,
                 input=dict(
-                    source=source(eval_split), pp=pp, batch_size=512, shuffle_buffer=0, num_epochs=1
+                    source=source("test"), pp=pp, batch_size=512, shuffle_buffer=0, num_epochs=1
                 ),
             )
         ),

@@ -1,7 +1,6 @@
 """The trainer end to end on tiny data the tests write: every method, resume, SIGTERM, non-finite
 halt, config validation."""
 
-import json
 import os
 import signal
 import subprocess
@@ -206,26 +205,10 @@ def test_sigterm_saves_and_a_resumed_run_ends_where_an_uninterrupted_one_does(
         [row["loss"] for row in reference],
         rtol=1e-6,
     )
-    abstract = abstract_state_of(uninterrupted)
-    a = Checkpointer(uninterrupted / "checkpoints").restore(8, abstract)[0]
-    b = Checkpointer(interrupted / "checkpoints").restore(8, abstract)[0]
+    a = trainer.load_trained(uninterrupted, step=8).state
+    b = trainer.load_trained(interrupted, step=8).state
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def abstract_state_of(workdir):
-    """The trainer's abstract train state for the config saved in a workdir."""
-    values = validate_config(
-        ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    )
-    mesh = trainer.make_mesh(values.get("mesh"))
-    task = trainer.build_task(values, mesh)
-    rng = jax.random.key(values["seed"])
-    param_shapes = jax.eval_shape(task.init_params, rng)
-    optimizer, _ = trainer.make_optimizer(
-        dict(values["optim"]), values["total_steps"], param_shapes
-    )
-    return trainer.abstract_train_state(task.init_params, optimizer, rng, mesh)[0]
 
 
 def test_nonfinite_updates_halt_the_run_and_checkpoints_stay_finite(fashion_dir, tmp_path):
