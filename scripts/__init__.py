@@ -4,4 +4,4 @@ scripts/host_memory.py); it has to happen before jax or tensorflow start their t
 
 from scripts.host_memory import keep_host_memory
 
-keep_host_memory()
+HOST_MEMORY_KEPT = keep_host_memory()

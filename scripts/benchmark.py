@@ -3,6 +3,10 @@
     python -m scripts.benchmark loss --batch 1024 --dim 512 --samples 16 64 [--json]
     python -m scripts.benchmark step --config configs/bench_ti.py [--loss clip|hetxl] [--json]
 
+`step`: one object per config: step_ms (median), images_per_sec, peak_bytes, and
+host_memory_kept (whether scripts/host_memory.py's malloc tuning is on; HETXL_KEEP_HOST_MEMORY=0
+turns it off to measure without it).
+
 `loss`: value and gradient of each contrastive loss (clip, siglip, and hetxl for every S) with
 respect to its inputs (embeddings, noise parameters, tau), on all local devices with the batch
 split over them. One object per measurement: loss, samples (null for the deterministic losses),
@@ -29,6 +33,7 @@ from contrastive.trainer import build_task, validate_config
 from contrastive.xla_stats import peak_bytes
 from models.heteroscedastic import NoiseParameters
 from models.two_towers import example_inputs
+from scripts import HOST_MEMORY_KEPT
 from scripts.config_loader import load_config
 
 
@@ -143,6 +148,7 @@ def benchmark_step(args) -> list[dict]:
             step_ms=round(step_ms, 2),
             images_per_sec=round(batch_size / step_ms * 1e3, 1),
             peak_bytes=peak_bytes(compiled),
+            host_memory_kept=HOST_MEMORY_KEPT,
         )
     ]
 
