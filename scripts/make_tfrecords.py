@@ -29,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     written = sum(stats.records_per_shard)
     print(f"wrote {written} records into {len(stats.paths)} shards: {stats.paths[0]} ...")
     if stats.unreadable_images:
-        print(f"skipped {len(stats.unreadable_images)} unreadable images, e.g. "
-              f"{stats.unreadable_images[0]}", file=sys.stderr)
+        print(
+            f"skipped {len(stats.unreadable_images)} unreadable images, e.g. "
+            f"{stats.unreadable_images[0]}",
+            file=sys.stderr,
+        )
     if written == 0:
         print(f"error: no record written from {args.input}", file=sys.stderr)
         return 1
