@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 import tensorflow as tf
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.config import InputConfig, validate_input_config
@@ -382,7 +383,19 @@ class GlobalBatchIterator(Iterator[dict[str, jax.Array]]):
         }
 
     def skipped(self) -> dict[str, int]:
-        """This process's skipped-record counts per reason."""
+        """Skipped-record counts per reason, summed over all processes.
+
+        With several processes this is a collective (an all-gather of a few integers): every
+        process must call it at the same point, as the trainer does at its logging steps.
+        """
+        counts = self.local.skipped()
+        if self.local.process_count == 1:
+            return counts
+        per_process = multihost_utils.process_allgather(np.asarray(list(counts.values()), np.int32))
+        return dict(zip(counts, np.asarray(per_process).sum(axis=0).tolist(), strict=True))
+
+    def local_skipped(self) -> dict[str, int]:
+        """This process's skipped-record counts per reason (no communication)."""
         return self.local.skipped()
 
     def get_state(self) -> np.ndarray:

@@ -3,12 +3,14 @@
     python -m tests.data.multiprocess_worker PROCESS_ID NUM_PROCESSES PORT FILES BATCHES
 
 Joins a jax.distributed cluster on 127.0.0.1 (gloo collectives on CPU), reads BATCHES global
-batches, and prints one JSON line: the example indices this process supplied and the indices of
-the whole global batches, gathered from all processes.
+batches ("all": one epoch, to the end), and prints one JSON line: the example indices this process
+supplied, the indices of the whole global batches gathered from all processes, and the
+skipped-record counts of this process and of all processes.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
@@ -16,7 +18,7 @@ import jax
 
 
 def main(argv: list[str]) -> None:
-    process_id, num_processes, port, files, num_batches = argv
+    process_id, num_processes, port, files, batches = argv
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}",
@@ -38,10 +40,12 @@ def main(argv: list[str]) -> None:
         "seed": 0,
         "prefetch": 1,
     }
+    if batches == "all":
+        config["num_epochs"] = 1
     iterator = make_global_iterator(config, mesh)
     local, gathered = [], []
-    for _ in range(int(num_batches)):
-        image = next(iterator)["image"]
+    for batch in itertools.islice(iterator, None if batches == "all" else int(batches)):
+        image = batch["image"]
         for shard in image.addressable_shards:
             local += np.asarray(shard.data)[:, 0, 0, 0].astype(int).tolist()
         everything = multihost_utils.process_allgather(image, tiled=True)
@@ -52,6 +56,8 @@ def main(argv: list[str]) -> None:
         "devices": jax.device_count(),
         "local": local,
         "gathered": gathered,
+        "skipped_local": iterator.local_skipped(),
+        "skipped_total": iterator.skipped(),
     }), flush=True)
     jax.distributed.shutdown()
 

@@ -22,21 +22,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_read_disjoint_halves_of_the_dataset(tmp_path):
+def write_shards(folder: Path, bad_first: dict[int, list[bytes]] | None = None) -> str:
+    """N good pairs over 4 files (file k holds k, k+4, ...); bad_first[k] goes at the top of file k.
+    Files are shared out whole: process 0 reads files 0 and 2, process 1 files 1 and 3."""
     import tensorflow as tf
 
     for shard in range(4):
-        with tf.io.TFRecordWriter(str(tmp_path / f"pairs-{shard}.tfrecord")) as writer:
+        with tf.io.TFRecordWriter(str(folder / f"pairs-{shard}.tfrecord")) as writer:
+            for record in (bad_first or {}).get(shard, []):
+                writer.write(record)
             for i in range(shard, N, 4):
                 writer.write(encode_example(encode_image(labelled_image(i)), f"caption {i}"))
+    return str(folder / "pairs-*.tfrecord")
+
+
+def run_two_workers(files: str, batches: str) -> list[dict]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "TF_CPP_MIN_LOG_LEVEL": "3"}
     port = free_port()
-    # 8 records per process at 4 per process per batch: 2 batches are one epoch of each share.
     workers = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.data.multiprocess_worker", str(p), "2", str(port),
-             str(tmp_path / "pairs-*.tfrecord"), "2"],
+             files, batches],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for p in range(2)
@@ -48,9 +55,15 @@ def test_two_processes_read_disjoint_halves_of_the_dataset(tmp_path):
         finally:
             worker.kill()
         assert worker.returncode == 0, err[-3000:]
-        reports.append(json.loads(out.strip().splitlines()[-1]))
-
+        # Gloo prints its own lines on stdout (C buffered, so possibly after ours).
+        reports.append(json.loads([line for line in out.splitlines() if line.startswith("{")][-1]))
     assert [r["process"] for r in reports] == [0, 1]
+    return reports
+
+
+def test_two_processes_read_disjoint_halves_of_the_dataset(tmp_path):
+    # 8 records per process at 4 per process per batch: 2 batches are one epoch of each share.
+    reports = run_two_workers(write_shards(tmp_path), "2")
     assert all(r["processes"] == 2 and r["devices"] == 4 for r in reports)
     local = [set(r["local"]) for r in reports]
     assert [len(r["local"]) for r in reports] == [8, 8]
@@ -59,3 +72,19 @@ def test_two_processes_read_disjoint_halves_of_the_dataset(tmp_path):
     # Both processes see the same global batches, made of both processes' rows.
     assert reports[0]["gathered"] == reports[1]["gathered"]
     assert sorted(reports[0]["gathered"]) == list(range(N))
+
+
+def test_skipped_counts_are_summed_over_processes(tmp_path):
+    empty_text = encode_example(encode_image(labelled_image(0)), "")
+    not_an_example = b"this is not a tf.train.Example"
+    # File 0 is process 0's, file 3 process 1's.
+    files = write_shards(tmp_path, {0: [empty_text], 3: [not_an_example, not_an_example]})
+    reports = run_two_workers(files, "all")
+    # One full epoch: every good record arrives and every bad one has been read and counted.
+    assert sorted(reports[0]["gathered"]) == list(range(N))
+    local = [{k: v for k, v in r["skipped_local"].items() if v} for r in reports]
+    assert local == [{"empty_text": 1}, {"undecodable": 2}]
+    for report in reports:
+        assert report["skipped_total"]["empty_text"] == 1
+        assert report["skipped_total"]["undecodable"] == 2
+        assert sum(report["skipped_total"].values()) == 3
