@@ -102,8 +102,9 @@ class CaptionBank:
             raise ValueError("every class needs at least one caption")
         self.captions_per_class = [list(c) for c in captions_per_class]
         lengths = np.array([len(c) for c in self.captions_per_class], np.int64)
-        self._flat = np.array([t.encode("utf-8") for c in self.captions_per_class for t in c],
-                              dtype=object)
+        self._flat = np.array(
+            [t.encode("utf-8") for c in self.captions_per_class for t in c], dtype=object
+        )
         self._starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         self._lengths = lengths
 

@@ -90,11 +90,15 @@ def validate_input_config(block: Any) -> InputConfig:
         if name == "source":
             continue
         if not matches_type(values[name], hints[name]):
-            problems.append(
-                f"{name}={values[name]!r} should be {type_name(hints[name])}"
-            )
-    for name, low in (("batch_size", 1), ("shuffle_buffer", 0), ("prefetch", 0), ("seed", 0),
-                      ("max_text_bytes", 1), ("num_epochs", 1)):
+            problems.append(f"{name}={values[name]!r} should be {type_name(hints[name])}")
+    for name, low in (
+        ("batch_size", 1),
+        ("shuffle_buffer", 0),
+        ("prefetch", 0),
+        ("seed", 0),
+        ("max_text_bytes", 1),
+        ("num_epochs", 1),
+    ):
         value = values.get(name)
         if matches_type(value, int) and value < low:
             problems.append(f"{name}={value} must be >= {low}")

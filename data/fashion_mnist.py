@@ -37,14 +37,26 @@ SPLIT_FILES = {
 
 # The dataset's own label strings, in label order.
 LABEL_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 # IDX type byte -> numpy dtype (big-endian, as the format stores it).
 _IDX_DTYPES = {
-    0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8"),
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
 }
 
 
@@ -110,8 +122,12 @@ def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray
 # Ways to name each class in a training caption (label order).
 CAPTION_NOUNS: tuple[tuple[Noun, ...], ...] = (
     (Noun("T-shirt"), Noun("top"), Noun("tee"), Noun("short-sleeved top")),
-    (Noun("pair of trousers"), Noun("trousers", countable=False), Noun("pants", countable=False),
-     Noun("pair of slacks")),
+    (
+        Noun("pair of trousers"),
+        Noun("trousers", countable=False),
+        Noun("pants", countable=False),
+        Noun("pair of slacks"),
+    ),
     (Noun("pullover"), Noun("sweater"), Noun("jumper"), Noun("knitted sweater")),
     (Noun("dress"), Noun("frock"), Noun("summer dress"), Noun("one-piece dress")),
     (Noun("coat"), Noun("jacket"), Noun("overcoat"), Noun("winter coat")),
@@ -125,7 +141,15 @@ CAPTION_NOUNS: tuple[tuple[Noun, ...], ...] = (
 # Clothing attributes; adjectives of the CLIP prompts (clean, dirty, large, small, cool, nice,
 # weird, hard to see) are avoided so that captions stay structurally unlike the prompts.
 CAPTION_ATTRIBUTES = (
-    "", "black", "white", "grey", "dark", "light-coloured", "plain", "patterned", "striped",
+    "",
+    "black",
+    "white",
+    "grey",
+    "dark",
+    "light-coloured",
+    "plain",
+    "patterned",
+    "striped",
     "casual",
 )
 
@@ -147,8 +171,16 @@ CAPTION_TEMPLATES = (
 
 # CuPL describes ImageNet classes; these are the ones close to a Fashion-MNIST class.
 CUPL_CLASSES = (
-    ("T-shirt",), ("jeans",), ("sweatshirt", "cardigan"), ("gown",), ("trench coat", "fur coat"),
-    ("sandal",), (), ("sneaker",), ("purse", "messenger bag"), ("cowboy boot",),
+    ("T-shirt",),
+    ("jeans",),
+    ("sweatshirt", "cardigan"),
+    ("gown",),
+    ("trench coat", "fur coat"),
+    ("sandal",),
+    (),
+    ("sneaker",),
+    ("purse", "messenger bag"),
+    ("cowboy boot",),
 )
 
 
@@ -167,7 +199,10 @@ def fashion_mnist_captions(cupl: bool = False) -> tuple[tuple[str, ...], ...]:
     names |= {noun.text for nouns in CAPTION_NOUNS for noun in nouns}
     forbidden = forbidden_captions(names, clip_templates())
     captions = build_class_captions(
-        CAPTION_NOUNS, CAPTION_TEMPLATES, CAPTION_ATTRIBUTES, forbidden,
+        CAPTION_NOUNS,
+        CAPTION_TEMPLATES,
+        CAPTION_ATTRIBUTES,
+        forbidden,
         sentences_per_class=cupl_sentences() if cupl else None,
     )
     return tuple(tuple(c) for c in captions)

@@ -81,11 +81,13 @@ def _to_three_channels(image: tf.Tensor, allow: tuple[int, ...], op: str) -> tf.
             )
         return tf.gather(image, [0, 0, 0] if channels < 3 else [0, 1, 2], axis=-1)
     c = tf.shape(image)[-1]
-    with tf.control_dependencies([
-        tf.debugging.assert_equal(
-            tf.reduce_any(tf.equal(c, allow)), True, message=f"{op}: unsupported channel count"
-        )
-    ]):
+    with tf.control_dependencies(
+        [
+            tf.debugging.assert_equal(
+                tf.reduce_any(tf.equal(c, allow)), True, message=f"{op}: unsupported channel count"
+            )
+        ]
+    ):
         # Channel 0 three times for grey images, the first three channels otherwise.
         index = tf.where(c < 3, tf.constant([0, 0, 0]), tf.constant([0, 1, 2]))
     return tf.ensure_shape(tf.gather(image, index, axis=-1), [None, None, 3])
@@ -228,8 +230,9 @@ def inception_crop(
     the image with aspect ratio 3/4..4/3 (Inception-style), resized to `size` when given
     (uncropped dtype and size otherwise)."""
     if not 0 < area_min <= area_max <= 100:
-        raise ValueError(f"inception_crop: need 0 < area_min <= area_max <= 100, got "
-                         f"{area_min}, {area_max}")
+        raise ValueError(
+            f"inception_crop: need 0 < area_min <= area_max <= 100, got {area_min}, {area_max}"
+        )
 
     def fn(data: Example) -> Example:
         seed, data = _next_seed(data, "inception_crop")

@@ -86,30 +86,43 @@ def check_batch_contract(spec: dict[str, tf.TensorSpec]) -> None:
         problems.append("no 'image'")
     else:
         image = spec["image"]
-        if image.dtype != tf.float32 or image.shape.rank != 3 or image.shape[-1] != 3 \
-                or not image.shape.is_fully_defined():
+        if (
+            image.dtype != tf.float32
+            or image.shape.rank != 3
+            or image.shape[-1] != 3
+            or not image.shape.is_fully_defined()
+        ):
             problems.append(
                 f"'image' is {image.dtype.name} {image.shape}, needs float32 [H, W, 3] with fixed "
                 "H, W (end with resize/crop to a size, an RGB op and value_range(-1, 1))"
             )
     if "text" not in spec and "label" not in spec:
         problems.append("neither 'text' nor 'label'")
-    if "text" in spec and (spec["text"].dtype != tf.int32 or spec["text"].shape.rank != 1
-                           or not spec["text"].shape.is_fully_defined()):
-        problems.append(f"'text' is {spec['text'].dtype.name} {spec['text'].shape}, needs int32 "
-                        "[L] token ids (add tokenize(max_len=...))")
+    if "text" in spec and (
+        spec["text"].dtype != tf.int32
+        or spec["text"].shape.rank != 1
+        or not spec["text"].shape.is_fully_defined()
+    ):
+        problems.append(
+            f"'text' is {spec['text'].dtype.name} {spec['text'].shape}, needs int32 "
+            "[L] token ids (add tokenize(max_len=...))"
+        )
     if "label" in spec and (spec["label"].dtype != tf.int32 or spec["label"].shape.rank != 0):
-        problems.append(f"'label' is {spec['label'].dtype.name} {spec['label'].shape}, needs "
-                        "int32 []")
+        problems.append(
+            f"'label' is {spec['label'].dtype.name} {spec['label'].shape}, needs int32 []"
+        )
     for key, s in spec.items():
         if key in ("image", "text", "label"):
             continue
         if s.dtype == tf.string or not s.shape.is_fully_defined():
-            problems.append(f"{key!r} is {s.dtype.name} {s.shape}; extra keys must be numeric "
-                            "with fixed shapes (drop it with drop(...))")
+            problems.append(
+                f"{key!r} is {s.dtype.name} {s.shape}; extra keys must be numeric "
+                "with fixed shapes (drop it with drop(...))"
+            )
     if problems:
-        raise BatchContractError("preprocessed examples break the batch contract: "
-                                 + "; ".join(problems))
+        raise BatchContractError(
+            "preprocessed examples break the batch contract: " + "; ".join(problems)
+        )
 
 
 def stream_id(seed: int, process_index: int) -> int:
@@ -156,8 +169,11 @@ def _process_fn(
     """
     prepare = _prepare_fn(source, cfg, process_index)
     position_spec = tf.TensorSpec([], tf.int64)
-    _, features_spec = tf.function(prepare, autograph=False).get_concrete_function(
-        position_spec, raw_spec).structured_outputs
+    _, features_spec = (
+        tf.function(prepare, autograph=False)
+        .get_concrete_function(position_spec, raw_spec)
+        .structured_outputs
+    )
     features_spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), features_spec)
     out_spec = output_spec(pp_fn, features_spec)
     out_spec = {k: v for k, v in out_spec.items() if not k.startswith("_")}
@@ -241,8 +257,11 @@ def build_local_dataset(
     # short batch, which evaluators pad and mask.
     ds = ds.batch(batch, drop_remainder=cfg.num_epochs is None)
     # Counts are cumulative, so the batch's last row is the count up to its last example.
-    ds = ds.map(tf.autograph.experimental.do_not_convert(
-        lambda b: {**{k: b[k] for k in out_spec}, SKIPPED_KEY: b[SKIPPED_KEY][-1]}))
+    ds = ds.map(
+        tf.autograph.experimental.do_not_convert(
+            lambda b: {**{k: b[k] for k in out_spec}, SKIPPED_KEY: b[SKIPPED_KEY][-1]}
+        )
+    )
     if cfg.prefetch:
         ds = ds.prefetch(cfg.prefetch)
     options = tf.data.Options()
@@ -305,9 +324,14 @@ class LocalBatchIterator(Iterator[dict[str, np.ndarray]]):
         return dict(zip(BAD_RECORD_REASONS, self._skipped.tolist(), strict=True))
 
     def _layout(self) -> dict[str, Any]:
-        return {"process_index": self.process_index, "process_count": self.process_count,
-                "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "pp": self.cfg.pp,
-                "source": repr(sorted(self.cfg.source.items()))}
+        return {
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+            "batch_size": self.cfg.batch_size,
+            "seed": self.cfg.seed,
+            "pp": self.cfg.pp,
+            "source": repr(sorted(self.cfg.source.items())),
+        }
 
     def get_state(self) -> np.ndarray:
         """uint8 [n]: the position after the last batch returned, for a train-state checkpoint."""
@@ -316,8 +340,11 @@ class LocalBatchIterator(Iterator[dict[str, np.ndarray]]):
             tf.train.Checkpoint(iterator=self._iterator).write(f"{tmp}/iterator")
             for path in Path(tmp).iterdir():
                 files[path.name] = np.frombuffer(path.read_bytes(), np.uint8)
-        meta = {"version": STATE_VERSION, "layout": self._layout(),
-                "skipped": self._skipped.tolist()}
+        meta = {
+            "version": STATE_VERSION,
+            "layout": self._layout(),
+            "skipped": self._skipped.tolist(),
+        }
         buffer = io.BytesIO()
         np.savez(buffer, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **files)
         return np.frombuffer(buffer.getvalue(), np.uint8)
@@ -413,8 +440,11 @@ def make_local_iterator(
 
     Process index and count default to jax.process_index() / jax.process_count().
     """
-    cfg = input_config if isinstance(input_config, InputConfig) \
+    cfg = (
+        input_config
+        if isinstance(input_config, InputConfig)
         else validate_input_config(input_config)
+    )
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     return LocalBatchIterator(cfg, index, count)
@@ -425,7 +455,10 @@ def make_global_iterator(
 ) -> GlobalBatchIterator:
     """Validates config.input and builds the iterator of global batches on `mesh`, reading the
     share of jax.process_index() among jax.process_count() processes."""
-    cfg = input_config if isinstance(input_config, InputConfig) \
+    cfg = (
+        input_config
+        if isinstance(input_config, InputConfig)
         else validate_input_config(input_config)
+    )
     check_mesh(cfg.batch_size, mesh, data_axis)
     return GlobalBatchIterator(make_local_iterator(cfg), mesh, data_axis)

@@ -46,7 +46,7 @@ def split_ops(pp: str) -> list[str]:
 
 
 def parse_op(text: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
-    """"resize(64, key='image')" -> ("resize", (64,), {"key": "image"}); syntax only."""
+    """ "resize(64, key='image')" -> ("resize", (64,), {"key": "image"}); syntax only."""
     try:
         node = ast.parse(text, mode="eval").body
     except SyntaxError:
@@ -85,7 +85,9 @@ class PreprocessFn:
     """
 
     def __init__(
-        self, pp: str, ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]],
+        self,
+        pp: str,
+        ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]],
         fns: list[Callable[[Example], Example]],
     ) -> None:
         self.pp = pp

@@ -105,9 +105,7 @@ class Registry:
     def get(self, name: str) -> Callable[..., Any]:
         """The factory registered under `name`; unknown names list the known ones."""
         if name not in self._factories:
-            raise RegistryError(
-                f"unknown {self.kind} {name!r}; known: {', '.join(self.known())}"
-            )
+            raise RegistryError(f"unknown {self.kind} {name!r}; known: {', '.join(self.known())}")
         return self._factories[name]
 
     def usage(self, name: str) -> str:

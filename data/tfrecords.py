@@ -98,8 +98,9 @@ def write_shards(
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    stats = WriteStats(paths=shard_paths(output_prefix, num_shards),
-                       records_per_shard=[0] * num_shards)
+    stats = WriteStats(
+        paths=shard_paths(output_prefix, num_shards), records_per_shard=[0] * num_shards
+    )
     Path(stats.paths[0]).parent.mkdir(parents=True, exist_ok=True)
     writers = [tf.io.TFRecordWriter(p) for p in stats.paths]
     try:

@@ -37,7 +37,8 @@ def test_accuracy_nll_and_ece_match_numpy():
         stats["nll"], -np.log(probs[real][np.arange(43), labels[real]]).sum(), rtol=1e-5
     )
     ece = expected_calibration_error(
-        np.asarray(stats["bin_count"]), np.asarray(stats["bin_correct"]),
+        np.asarray(stats["bin_count"]),
+        np.asarray(stats["bin_correct"]),
         np.asarray(stats["bin_confidence"]),
     )
     np.testing.assert_allclose(ece, reference_ece(probs[real], labels[real], 10), rtol=1e-5)

@@ -50,15 +50,20 @@ def main(argv: list[str]) -> None:
             local += np.asarray(shard.data)[:, 0, 0, 0].astype(int).tolist()
         everything = multihost_utils.process_allgather(image, tiled=True)
         gathered += np.asarray(everything)[:, 0, 0, 0].astype(int).tolist()
-    print(json.dumps({
-        "process": jax.process_index(),
-        "processes": jax.process_count(),
-        "devices": jax.device_count(),
-        "local": local,
-        "gathered": gathered,
-        "skipped_local": iterator.local_skipped(),
-        "skipped_total": iterator.skipped(),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "process": jax.process_index(),
+                "processes": jax.process_count(),
+                "devices": jax.device_count(),
+                "local": local,
+                "gathered": gathered,
+                "skipped_local": iterator.local_skipped(),
+                "skipped_total": iterator.skipped(),
+            }
+        ),
+        flush=True,
+    )
     jax.distributed.shutdown()
 
 

@@ -62,8 +62,13 @@ def expected_counts(multiplier: int = 1) -> dict[str, int]:
 @pytest.fixture
 def mixed_file(tmp_path):
     # Bad records between good ones; the last record is good so every bad one gets counted.
-    records = [good(100)] + [r for r, _ in BAD[:6]] + [good(101), good(102)] \
-        + [r for r, _ in BAD[6:]] + [good(103 + i) for i in range(5)]
+    records = (
+        [good(100)]
+        + [r for r, _ in BAD[:6]]
+        + [good(101), good(102)]
+        + [r for r, _ in BAD[6:]]
+        + [good(103 + i) for i in range(5)]
+    )
     return write(tmp_path / "mixed.tfrecord", records)
 
 
@@ -117,9 +122,11 @@ def test_a_truncated_shard_does_not_stop_the_run(tmp_path):
 
 def test_record_checks_directly():
     image = tf.constant(b"png")
+
     def reason(**record):
         code = int(bad_record_reason({"image": image, **record}, max_text_bytes=20))
         return "ok" if code == 0 else BAD_RECORD_REASONS[code - 1]
+
     assert reason(text=tf.constant("fine")) == "ok"
     assert reason(text=tf.constant("ünïcödé")) == "ok"
     assert reason(text=tf.constant("x" * 20)) == "ok"

@@ -40,19 +40,25 @@ def test_config_dict_with_references_is_accepted():
 
 
 def test_unknown_and_missing_keys_are_named():
-    text = problems({"source": {"name": "tfrecord", "files": "x"}, "pp": "", "batchsize": 8,
-                     "shuffle": 10})
+    text = problems(
+        {"source": {"name": "tfrecord", "files": "x"}, "pp": "", "batchsize": 8, "shuffle": 10}
+    )
     assert "unknown key(s) ['batchsize', 'shuffle']" in text
     assert "missing key 'batch_size'" in text
     assert "shuffle_buffer" in text  # the known keys are listed
 
 
 def test_wrong_types_and_ranges_are_named_all_at_once():
-    text = problems(block(batch_size="64", seed=1.5, shuffle_buffer=-1, num_epochs=0,
-                          prefetch=True))
-    for fragment in ("batch_size='64' should be int", "seed=1.5 should be int",
-                     "shuffle_buffer=-1 must be >= 0", "num_epochs=0 must be >= 1",
-                     "prefetch=True should be int"):
+    text = problems(
+        block(batch_size="64", seed=1.5, shuffle_buffer=-1, num_epochs=0, prefetch=True)
+    )
+    for fragment in (
+        "batch_size='64' should be int",
+        "seed=1.5 should be int",
+        "shuffle_buffer=-1 must be >= 0",
+        "num_epochs=0 must be >= 1",
+        "prefetch=True should be int",
+    ):
         assert fragment in text
 
 

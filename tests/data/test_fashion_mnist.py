@@ -88,8 +88,22 @@ def _prompt_key(text: str) -> str:
 def test_no_training_caption_is_a_zero_shot_prompt(cupl):
     templates = load_json("en_zeroshot_classification_templates.json")["imagenet1k"]
     classnames = set(load_json("en_classnames.json")["imagenet1k"]) | set(FASHION_MNIST_CLASSNAMES)
-    classnames |= {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                   "Sneaker", "Bag", "Ankle boot", "sweater", "jumper", "trainer", "handbag"}
+    classnames |= {
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+        "sweater",
+        "jumper",
+        "trainer",
+        "handbag",
+    }
     prompts = {t.replace("{c}", c) for t in templates for c in classnames}
     prompt_keys = {_prompt_key(p) for p in prompts}
     captions = [c for per_class in fashion_mnist_captions(cupl) for c in per_class]
@@ -124,7 +138,8 @@ def test_cupl_adds_sentences_of_related_imagenet_classes_minus_prompts():
 
 def test_config_max_len_holds_every_caption():
     ids = make_tokenizer("minilm").tokenize(
-        tf.constant([c for per_class in fashion_mnist_captions() for c in per_class]), 64)
+        tf.constant([c for per_class in fashion_mnist_captions() for c in per_class]), 64
+    )
     assert int(tf.reduce_max(tf.reduce_sum(tf.cast(ids != 0, tf.int32), 1))) <= 20
 
 
@@ -132,7 +147,9 @@ def test_batches_are_rgb_at_the_configured_size_with_matching_captions(tmp_path)
     data = make_fashion_dir(tmp_path, n_train=40)
     iterator = make_local_iterator(
         fashion_config(tmp_path, pp="decode|resize(32)|value_range(-1, 1)|tokenize(max_len=20)"),
-        0, 1)
+        0,
+        1,
+    )
     tokenizer = make_tokenizer("minilm")
     per_class = [
         {tuple(row) for row in tokenizer.tokenize(tf.constant(list(c)), 20).numpy()}

@@ -37,14 +37,31 @@ def write_shards(folder: Path, bad_first: dict[int, list[bytes]] | None = None) 
 
 
 def run_two_workers(files: str, batches: str) -> list[dict]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(REPO),
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
     port = free_port()
     workers = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.data.multiprocess_worker", str(p), "2", str(port),
-             files, batches],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "tests.data.multiprocess_worker",
+                str(p),
+                "2",
+                str(port),
+                files,
+                batches,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for p in range(2)
     ]

@@ -140,12 +140,15 @@ def test_global_batch_must_divide_the_data_axis(fashion_dir):
         make_global_iterator(fashion_config(fashion_dir), mesh, data_axis="batch")
 
 
-@pytest.mark.parametrize("pp, problem", [
-    ("decode|tokenize(max_len=8)", "'image' is uint8"),
-    ("decode(channels=1)|resize(32)|value_range(-1, 1)|tokenize(8)", "needs float32 [H, W, 3]"),
-    ("decode|resize(32)|value_range(-1, 1)", "'text' is string"),
-    ("drop('image')|tokenize(8)", "no 'image'"),
-])
+@pytest.mark.parametrize(
+    "pp, problem",
+    [
+        ("decode|tokenize(max_len=8)", "'image' is uint8"),
+        ("decode(channels=1)|resize(32)|value_range(-1, 1)|tokenize(8)", "needs float32 [H, W, 3]"),
+        ("decode|resize(32)|value_range(-1, 1)", "'text' is string"),
+        ("drop('image')|tokenize(8)", "no 'image'"),
+    ],
+)
 def test_batch_contract_violations_fail_before_reading(fashion_dir, pp, problem):
     with pytest.raises(BatchContractError) as error:
         make_local_iterator(fashion_config(fashion_dir, pp=pp), 0, 1)
@@ -161,8 +164,10 @@ def test_resume_of_a_sharded_tfrecord_source_with_random_ops_and_sentencepiece(t
             for i in range(shard, 30, 3):
                 image = np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8)
                 writer.write(encode_example(encode_image(image), f"picture number {i}"))
-    pp = ("decode|inception_crop(12)|random_crop(10)|flip_lr|value_range(-1, 1)|"
-          f"tokenize(max_len=8, model='sentencepiece:{model}')")
+    pp = (
+        "decode|inception_crop(12)|random_crop(10)|flip_lr|value_range(-1, 1)|"
+        f"tokenize(max_len=8, model='sentencepiece:{model}')"
+    )
     config = tfrecord_config(str(tmp_path / "pairs-*.tfrecord"), pp=pp, shuffle_buffer=10)
     reference = make_local_iterator(config, 0, 1)
     take(reference, 9)  # past the first epoch of 30 records

@@ -10,8 +10,21 @@ from data.ops import PP_OPS
 from data.preprocess import PreprocessError, parse_pp, split_ops
 from tests.data.helpers import encode_image
 
-ALL_OPS = {"decode", "resize", "resize_small", "random_crop", "central_crop", "inception_crop",
-           "flip_lr", "value_range", "grey_to_rgb", "to_rgb", "tokenize", "keep", "drop"}
+ALL_OPS = {
+    "decode",
+    "resize",
+    "resize_small",
+    "random_crop",
+    "central_crop",
+    "inception_crop",
+    "flip_lr",
+    "value_range",
+    "grey_to_rgb",
+    "to_rgb",
+    "tokenize",
+    "keep",
+    "drop",
+}
 
 
 def seeded(data: dict, seed: int = 0) -> dict:
@@ -125,7 +138,7 @@ def test_random_crop_is_a_window_that_depends_only_on_the_seed():
     for seed in range(12):
         out = crop(seeded({"image": tf.constant(image)}, seed))["image"].numpy()
         top, left = divmod(int(out[0, 0, 0]), 10)
-        np.testing.assert_array_equal(out, image[top:top + 4, left:left + 4])
+        np.testing.assert_array_equal(out, image[top : top + 4, left : left + 4])
         again = crop(seeded({"image": tf.constant(image)}, seed))["image"].numpy()
         np.testing.assert_array_equal(out, again)
         corners.add((top, left))
@@ -164,13 +177,18 @@ def test_value_range_matches_the_affine_formula():
     out = parse_pp("value_range(-1, 1)")({"image": tf.constant(image)})["image"].numpy()
     np.testing.assert_allclose(out, image / 255.0 * 2 - 1, rtol=1e-6)
     out = parse_pp("value_range(0, 1, in_min=0, in_max=100, clip=True)")(
-        {"image": tf.constant(image)})["image"].numpy()
+        {"image": tf.constant(image)}
+    )["image"].numpy()
     np.testing.assert_allclose(out, [[[0.0, 0.51, 1.0]]], rtol=1e-6)
 
 
 def test_keep_and_drop_leave_internal_keys_and_reject_typos():
-    data = {"image": tf.zeros([1]), "text": tf.constant("a"), "label": tf.constant(1),
-            "_rng": tf.constant([0, 0], tf.int64)}
+    data = {
+        "image": tf.zeros([1]),
+        "text": tf.constant("a"),
+        "label": tf.constant(1),
+        "_rng": tf.constant([0, 0], tf.int64),
+    }
     assert set(parse_pp("keep('image', 'text')")(data)) == {"image", "text", "_rng"}
     assert set(parse_pp("drop('label')")(data)) == {"image", "text", "_rng"}
     with pytest.raises(KeyError, match="labels"):

@@ -20,20 +20,28 @@ CLASSES = ["tabby cat", "golden retriever", "fire truck"]
 def tfds_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tfds")
     images = np.stack([labelled_image(i) for i in range(N)])
-    def split(n):
-        return tf.data.Dataset.from_tensor_slices({
-            "image": images[:n],
-            "caption": [f"picture {i}" for i in range(n)],
-            "label": np.arange(n) % 3,
-        })
 
-    features = tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(8, 8, 3)),
-        "caption": tfds.features.Text(),
-        "label": tfds.features.ClassLabel(names=CLASSES),
-    })
+    def split(n):
+        return tf.data.Dataset.from_tensor_slices(
+            {
+                "image": images[:n],
+                "caption": [f"picture {i}" for i in range(n)],
+                "label": np.arange(n) % 3,
+            }
+        )
+
+    features = tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(8, 8, 3)),
+            "caption": tfds.features.Text(),
+            "label": tfds.features.ClassLabel(names=CLASSES),
+        }
+    )
     builder = tfds.dataset_builders.store_as_tfds_dataset(
-        name="tiny_pairs", version="1.0.0", features=features, data_dir=root,
+        name="tiny_pairs",
+        version="1.0.0",
+        features=features,
+        data_dir=root,
         split_datasets={"train": split(N), "test": split(8)},
     )
     builder.download_and_prepare()
@@ -68,10 +76,14 @@ def test_label_only_dataset_gets_captions_from_class_names(tfds_dir):
     iterator = make_local_iterator(config(tfds_dir, label_key="label", split="test"), 0, 1)
     source = make_source("tfds", dataset="tiny_pairs", data_dir=tfds_dir, label_key="label")
     tokenizer = make_tokenizer("minilm")
-    allowed = [{tuple(r) for r in tokenizer.tokenize(tf.constant(c), 8).numpy()}
-               for c in source.captions.captions_per_class]
-    assert all(any(name in c for c in source.captions.captions_per_class[k])
-               for k, name in enumerate(CLASSES))
+    allowed = [
+        {tuple(r) for r in tokenizer.tokenize(tf.constant(c), 8).numpy()}
+        for c in source.captions.captions_per_class
+    ]
+    assert all(
+        any(name in c for c in source.captions.captions_per_class[k])
+        for k, name in enumerate(CLASSES)
+    )
     for _ in range(4):
         batch = next(iterator)
         for text, label in zip(batch["text"], batch["label"], strict=True):
@@ -80,8 +92,10 @@ def test_label_only_dataset_gets_captions_from_class_names(tfds_dir):
 
 def test_processes_read_disjoint_even_splits(tfds_dir):
     source = TfdsSource("tiny_pairs", data_dir=tfds_dir, text_key="caption")
-    shares = [{r["text"].decode() for r in source.records(p, 3, seed=0).as_numpy_iterator()}
-              for p in range(3)]
+    shares = [
+        {r["text"].decode() for r in source.records(p, 3, seed=0).as_numpy_iterator()}
+        for p in range(3)
+    ]
     assert [len(s) for s in shares] == [8, 8, 8]
     assert set.union(*shares) == {f"picture {i}" for i in range(N)}
 

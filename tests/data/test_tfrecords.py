@@ -28,8 +28,12 @@ def parse_plain(path):
     for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
         example = tf.train.Example.FromString(raw)
         features = example.features.feature
-        out.append((features["image"].bytes_list.value[0],
-                    features["caption"].bytes_list.value[0].decode()))
+        out.append(
+            (
+                features["image"].bytes_list.value[0],
+                features["caption"].bytes_list.value[0].decode(),
+            )
+        )
     return out
 
 
@@ -51,12 +55,16 @@ def test_write_shards_round_robin_keeps_bytes_and_lists_unreadable(tmp_path):
     pairs.insert(2, (str(tmp_path / "img" / "missing.png"), "lost"))
     stats = write_shards(pairs, tmp_path / "out" / "pairs", num_shards=3)
     assert [p.split("/")[-1] for p in stats.paths] == [
-        f"pairs-0000{i}-of-00003.tfrecord" for i in range(3)]
+        f"pairs-0000{i}-of-00003.tfrecord" for i in range(3)
+    ]
     assert stats.records_per_shard == [3, 2, 2]
     assert stats.unreadable_images == [str(tmp_path / "img" / "missing.png")]
     read = [parse_plain(p) for p in stats.paths]
-    assert [c for c in (r[1] for r in read[0])] == ["caption number 0", "caption number 3",
-                                                  "caption number 6"]
+    assert [c for c in (r[1] for r in read[0])] == [
+        "caption number 0",
+        "caption number 3",
+        "caption number 6",
+    ]
     assert read[1][0][0] == (tmp_path / "img" / "1.png").read_bytes()
 
 
@@ -72,8 +80,9 @@ def test_processes_read_disjoint_records_covering_the_source(tmp_path, num_shard
     source = TFRecordSource(files)
     seen = []
     for process in range(2):
-        captions = [source.parse(r)["text"].numpy().decode()
-                    for r in source.records(process, 2, seed=5)]
+        captions = [
+            source.parse(r)["text"].numpy().decode() for r in source.records(process, 2, seed=5)
+        ]
         assert len(captions) == 6
         seen += captions
     assert sorted(seen) == sorted(f"caption number {i}" for i in range(12))

@@ -57,11 +57,14 @@ def test_minilm_vocab_has_pad_at_zero(vocab):
     assert tokenizer.vocab_size == len(vocab) == 30522
 
 
-@pytest.mark.parametrize("text", [
-    "a photo of an ankle boot",
-    "A Product-Shot of a BLACK pullover, photographed from the front!",
-    "unaffable tokenizers handle zzqxj words",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a photo of an ankle boot",
+        "A Product-Shot of a BLACK pullover, photographed from the front!",
+        "unaffable tokenizers handle zzqxj words",
+    ],
+)
 def test_wordpiece_matches_reference(text, vocab):
     ids = make_tokenizer("minilm").tokenize(tf.constant(text), 48).numpy()
     expected = [vocab["[CLS]"], *reference_wordpiece(text, vocab), vocab["[SEP]"]]
@@ -71,8 +74,10 @@ def test_wordpiece_matches_reference(text, vocab):
 
 def test_wordpiece_lowercases_and_strips_accents():
     tokenizer = make_tokenizer("minilm")
-    np.testing.assert_array_equal(tokenizer.tokenize(tf.constant("Café SHOE"), 8),
-                                  tokenizer.tokenize(tf.constant("cafe shoe"), 8))
+    np.testing.assert_array_equal(
+        tokenizer.tokenize(tf.constant("Café SHOE"), 8),
+        tokenizer.tokenize(tf.constant("cafe shoe"), 8),
+    )
 
 
 def test_wordpiece_truncation_keeps_sep_and_batches(vocab):
@@ -96,9 +101,11 @@ def sentencepiece_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("sp")
     corpus = root / "corpus.txt"
     words = ["shoe", "bag", "coat", "dress", "boot", "shirt", "sandal"]
-    corpus.write_text("\n".join(
-        f"a photo of a {w} number {i} on a plain background" for i in range(60) for w in words
-    ))
+    corpus.write_text(
+        "\n".join(
+            f"a photo of a {w} number {i} on a plain background" for i in range(60) for w in words
+        )
+    )
     return train_sentencepiece(corpus, 48, root / "sp")
 
 
@@ -124,8 +131,9 @@ def test_sentencepiece_eos_survives_truncation(sentencepiece_model):
 def test_sentencepiece_rejects_models_without_pad_zero(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"a bag and a shoe {i}" for i in range(50)))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "default"),
-                                   vocab_size=25, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "default"), vocab_size=25, minloglevel=2
+    )
     with pytest.raises(ValueError, match="pad id -1"):
         SentencepieceTokenizer(tmp_path / "default.model")
 

@@ -23,46 +23,98 @@ def test_make_tfrecords_from_csv_and_jsonl(tmp_path, capsys):
     for i in range(5):
         (tmp_path / "img" / f"{i}.png").write_bytes(encode_image(labelled_image(i)))
     (tmp_path / "pairs.csv").write_text(
-        "image,caption\n" + "".join(f"img/{i}.png,caption {i}\n" for i in range(5)))
-    assert make_tfrecords.main(["--input", str(tmp_path / "pairs.csv"), "--num_shards", "2",
-                                "--output", str(tmp_path / "out" / "csv")]) == 0
+        "image,caption\n" + "".join(f"img/{i}.png,caption {i}\n" for i in range(5))
+    )
+    assert (
+        make_tfrecords.main(
+            [
+                "--input",
+                str(tmp_path / "pairs.csv"),
+                "--num_shards",
+                "2",
+                "--output",
+                str(tmp_path / "out" / "csv"),
+            ]
+        )
+        == 0
+    )
     shards = sorted((tmp_path / "out").glob("csv-*.tfrecord"))
-    assert [s.name for s in shards] == ["csv-00000-of-00002.tfrecord",
-                                        "csv-00001-of-00002.tfrecord"]
+    assert [s.name for s in shards] == [
+        "csv-00000-of-00002.tfrecord",
+        "csv-00001-of-00002.tfrecord",
+    ]
     captions = sorted(
         tf.train.Example.FromString(raw).features.feature["caption"].bytes_list.value[0].decode()
-        for raw in tf.data.TFRecordDataset([str(s) for s in shards]).as_numpy_iterator())
+        for raw in tf.data.TFRecordDataset([str(s) for s in shards]).as_numpy_iterator()
+    )
     assert captions == [f"caption {i}" for i in range(5)]
     assert "wrote 5 records into 2 shards" in capsys.readouterr().out
 
-    (tmp_path / "pairs.jsonl").write_text("".join(
-        json.dumps({"path": f"img/{i}.png", "text": f"jsonl {i}"}) + "\n" for i in range(3)))
-    assert make_tfrecords.main(["--input", str(tmp_path / "pairs.jsonl"), "--output",
-                                str(tmp_path / "out" / "jl"), "--image_column", "path",
-                                "--caption_column", "text"]) == 0
+    (tmp_path / "pairs.jsonl").write_text(
+        "".join(json.dumps({"path": f"img/{i}.png", "text": f"jsonl {i}"}) + "\n" for i in range(3))
+    )
+    assert (
+        make_tfrecords.main(
+            [
+                "--input",
+                str(tmp_path / "pairs.jsonl"),
+                "--output",
+                str(tmp_path / "out" / "jl"),
+                "--image_column",
+                "path",
+                "--caption_column",
+                "text",
+            ]
+        )
+        == 0
+    )
     written = tf.data.TFRecordDataset(str(tmp_path / "out" / "jl-00000-of-00001.tfrecord"))
     assert len(list(written)) == 3
 
 
 def test_make_tfrecords_fails_when_nothing_is_readable(tmp_path):
     (tmp_path / "pairs.csv").write_text("image,caption\nmissing.png,lost\n")
-    assert make_tfrecords.main(["--input", str(tmp_path / "pairs.csv"),
-                                "--output", str(tmp_path / "out")]) == 1
+    assert (
+        make_tfrecords.main(
+            ["--input", str(tmp_path / "pairs.csv"), "--output", str(tmp_path / "out")]
+        )
+        == 1
+    )
 
 
 def test_train_tokenizer_writes_a_pad_zero_model(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"a product shot of a {w} {i}" for i in range(40)
-                                for w in ("shoe", "bag", "coat", "dress")))
-    assert train_tokenizer.main(["--input", str(corpus), "--vocab_size", "30",
-                                 "--output", str(tmp_path / "tok" / "sp")]) == 0
+    corpus.write_text(
+        "\n".join(
+            f"a product shot of a {w} {i}"
+            for i in range(40)
+            for w in ("shoe", "bag", "coat", "dress")
+        )
+    )
+    assert (
+        train_tokenizer.main(
+            ["--input", str(corpus), "--vocab_size", "30", "--output", str(tmp_path / "tok" / "sp")]
+        )
+        == 0
+    )
     processor = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok" / "sp.model"))
     assert processor.get_piece_size() == 30 and processor.pad_id() == 0
     assert processor.decode(processor.encode("a shoe")) == "a shoe"
     assert "pad id 0" in capsys.readouterr().out
     # This corpus cannot fill 1,000 pieces: a clear error, not a traceback.
-    assert train_tokenizer.main(["--input", str(corpus), "--vocab_size", "1000",
-                                 "--output", str(tmp_path / "tok" / "big")]) == 1
+    assert (
+        train_tokenizer.main(
+            [
+                "--input",
+                str(corpus),
+                "--vocab_size",
+                "1000",
+                "--output",
+                str(tmp_path / "tok" / "big"),
+            ]
+        )
+        == 1
+    )
     assert "Vocabulary size too high" in capsys.readouterr().err
 
 
@@ -74,10 +126,19 @@ def test_inspect_data_json_on_the_fashion_config(tmp_path, capsys):
     assert {"batches", "examples", "examples_per_sec", "skipped"} <= set(report)
     assert report["batches"] == 3 and report["examples"] == 48
     assert report["examples_per_sec"] > 0
-    assert report["skipped"] == {"missing_field": 0, "empty_image": 0, "empty_text": 0,
-                                 "text_too_long": 0, "text_not_utf8": 0, "undecodable": 0}
-    assert report["shapes"] == {"image": [[16, 32, 32, 3], "float32"],
-                                "text": [[16, 20], "int32"], "label": [[16], "int32"]}
+    assert report["skipped"] == {
+        "missing_field": 0,
+        "empty_image": 0,
+        "empty_text": 0,
+        "text_too_long": 0,
+        "text_not_utf8": 0,
+        "undecodable": 0,
+    }
+    assert report["shapes"] == {
+        "image": [[16, 32, 32, 3], "float32"],
+        "text": [[16, 20], "int32"],
+        "label": [[16], "int32"],
+    }
 
 
 def test_inspect_data_reports_skipped_records_as_text(tmp_path, capsys):
@@ -95,7 +156,8 @@ def test_inspect_data_reports_skipped_records_as_text(tmp_path, capsys):
         "    return ml_collections.ConfigDict({'input': {\n"
         f"        'source': {{'name': 'tfrecord', 'files': '{tmp_path}/pairs.tfrecord'}},\n"
         "        'pp': 'decode|resize(16)|value_range(-1, 1)|tokenize(max_len=8)',\n"
-        "        'batch_size': 8, 'shuffle_buffer': 0}})\n")
+        "        'batch_size': 8, 'shuffle_buffer': 0}})\n"
+    )
     assert inspect_data.main(["--config", str(config_file), "--batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "image: float32[8, 16, 16, 3]" in out and "text: int32[8, 8]" in out
@@ -105,15 +167,21 @@ def test_inspect_data_reports_skipped_records_as_text(tmp_path, capsys):
 def test_inspect_data_runs_as_a_module(tmp_path):
     make_fashion_dir(tmp_path, n_train=64)
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    command = [sys.executable, "-m", "scripts.inspect_data", "--batches", "2", "--json",
-               "--config", f"{FASHION_CONFIG}:data_dir={tmp_path},batch_size=16"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=120)
+    command = [
+        sys.executable,
+        "-m",
+        "scripts.inspect_data",
+        "--batches",
+        "2",
+        "--json",
+        "--config",
+        f"{FASHION_CONFIG}:data_dir={tmp_path},batch_size=16",
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["examples"] == 32 and report["devices"] == 1
 
     command[-1] = "no/such/config.py"
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "no config file no/such/config.py" in result.stderr
