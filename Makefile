@@ -27,6 +27,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # The demo's data: Debian's dataset-fashion-mnist package (IDX files under /usr/share/datasets).
 fashion-mnist:
