@@ -1,9 +1,10 @@
 """One process of the two-process input test (tests/data/test_multiprocess.py).
 
-    python -m tests.data.multiprocess_worker PROCESS_ID NUM_PROCESSES PORT FILES BATCHES
+    python -m tests.data.multiprocess_worker PROCESS_ID NUM_PROCESSES PORT FILES BATCHES REPORT
 
 Joins a jax.distributed cluster on 127.0.0.1 (gloo collectives on CPU), reads BATCHES global
-batches ("all": one epoch, to the end), and prints one JSON line: the example indices this process
+batches ("all": one epoch, to the end), and writes one JSON object to the file REPORT (not stdout,
+where gloo's C++ output can land in the middle of ours): the example indices this process
 supplied, the indices of the whole global batches gathered from all processes, and the
 skipped-record counts of this process and of all processes.
 """
@@ -18,7 +19,7 @@ import jax
 
 
 def main(argv: list[str]) -> None:
-    process_id, num_processes, port, files, batches = argv
+    process_id, num_processes, port, files, batches, report_path = argv
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}",
@@ -50,20 +51,17 @@ def main(argv: list[str]) -> None:
             local += np.asarray(shard.data)[:, 0, 0, 0].astype(int).tolist()
         everything = multihost_utils.process_allgather(image, tiled=True)
         gathered += np.asarray(everything)[:, 0, 0, 0].astype(int).tolist()
-    print(
-        json.dumps(
-            {
-                "process": jax.process_index(),
-                "processes": jax.process_count(),
-                "devices": jax.device_count(),
-                "local": local,
-                "gathered": gathered,
-                "skipped_local": iterator.local_skipped(),
-                "skipped_total": iterator.skipped(),
-            }
-        ),
-        flush=True,
-    )
+    report = {
+        "process": jax.process_index(),
+        "processes": jax.process_count(),
+        "devices": jax.device_count(),
+        "local": local,
+        "gathered": gathered,
+        "skipped_local": iterator.local_skipped(),
+        "skipped_total": iterator.skipped(),
+    }
+    with open(report_path, "w") as file:
+        json.dump(report, file)
     jax.distributed.shutdown()
 
 

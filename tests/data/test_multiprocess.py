@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from data.tfrecords import encode_example
@@ -36,7 +37,7 @@ def write_shards(folder: Path, bad_first: dict[int, list[bytes]] | None = None) 
     return str(folder / "pairs-*.tfrecord")
 
 
-def run_two_workers(files: str, batches: str) -> list[dict]:
+def run_two_workers(files: str, batches: str, folder: Path) -> list[dict]:
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
@@ -45,42 +46,41 @@ def run_two_workers(files: str, batches: str) -> list[dict]:
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
     port = free_port()
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.data.multiprocess_worker",
-                str(p),
-                "2",
-                str(port),
-                files,
-                batches,
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for p in range(2)
-    ]
-    reports = []
-    for worker in workers:
-        try:
-            out, err = worker.communicate(timeout=90)
-        finally:
+    reports = [folder / f"report-{p}.json" for p in range(2)]
+    logs = [folder / f"worker-{p}.log" for p in range(2)]
+    workers = []
+    for p in range(2):
+        with open(logs[p], "w") as log:
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "tests.data.multiprocess_worker", str(p), "2"]
+                    + [str(port), files, batches, str(reports[p])],
+                    cwd=REPO,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    deadline = time.monotonic() + 90
+    try:
+        for worker in workers:
+            worker.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for worker in workers:
             worker.kill()
-        assert worker.returncode == 0, err[-3000:]
-        # Gloo prints its own lines on stdout (C buffered, so possibly after ours).
-        reports.append(json.loads([line for line in out.splitlines() if line.startswith("{")][-1]))
-    assert [r["process"] for r in reports] == [0, 1]
-    return reports
+            worker.wait()
+    # Both logs on failure: one process's error is the likely cause of the other's hang.
+    codes = [worker.returncode for worker in workers]
+    assert codes == [0, 0], "\n".join(f"{log}:\n{log.read_text()[-3000:]}" for log in logs)
+    return [json.loads(path.read_text()) for path in reports]
 
 
 def test_two_processes_read_disjoint_halves_of_the_dataset(tmp_path):
     # 8 records per process at 4 per process per batch: 2 batches are one epoch of each share.
-    reports = run_two_workers(write_shards(tmp_path), "2")
+    reports = run_two_workers(write_shards(tmp_path), "2", tmp_path)
+    assert [r["process"] for r in reports] == [0, 1]
     assert all(r["processes"] == 2 and r["devices"] == 4 for r in reports)
     local = [set(r["local"]) for r in reports]
     assert [len(r["local"]) for r in reports] == [8, 8]
@@ -96,7 +96,7 @@ def test_skipped_counts_are_summed_over_processes(tmp_path):
     not_an_example = b"this is not a tf.train.Example"
     # File 0 is process 0's, file 3 process 1's.
     files = write_shards(tmp_path, {0: [empty_text], 3: [not_an_example, not_an_example]})
-    reports = run_two_workers(files, "all")
+    reports = run_two_workers(files, "all", tmp_path)
     # One full epoch: every good record arrives and every bad one has been read and counted.
     assert sorted(reports[0]["gathered"]) == list(range(N))
     local = [{k: v for k, v in r["skipped_local"].items() if v} for r in reports]
