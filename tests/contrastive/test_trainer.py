@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -18,9 +17,9 @@ from contrastive.checkpoint import Checkpointer
 from contrastive.config_schema import ConfigError
 from contrastive.metric_logging import read_metrics
 from contrastive.trainer import train, validate_config
+from tests import REPO
 from tests.data.helpers import make_fashion_dir
 
-REPO = Path(__file__).resolve().parents[2]
 IMAGE, LENGTH, BATCH = 28, 12, 16
 
 

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from data.tfrecords import encode_example
+from tests import REPO
 from tests.data.helpers import encode_image, labelled_image
 
-REPO = Path(__file__).resolve().parents[2]
 N = 16
 
 

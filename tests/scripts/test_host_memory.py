@@ -16,6 +16,7 @@ import textwrap
 import pytest
 
 from scripts.host_memory import OPT_OUT_VARIABLE
+from tests import REPO
 
 BLOCK_BYTES = 64 << 20
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -59,7 +60,7 @@ def second_round_faults(mode: str) -> int:
         text=True,
         env=env,
         check=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        cwd=REPO,
     )
     return int(result.stdout.strip())
 

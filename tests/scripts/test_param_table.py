@@ -3,13 +3,11 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from scripts import param_table
-
-REPO = Path(__file__).resolve().parents[2]
+from tests import REPO
 
 
 @pytest.mark.parametrize("full", [False, True])
