@@ -28,12 +28,15 @@ _M_ARENA_MAX = -8
 OPT_OUT_VARIABLE = "HETXL_KEEP_HOST_MEMORY"
 
 
+def uses_glibc() -> bool:
+    """Whether this process's malloc is glibc's, the only one these settings are for."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_host_memory() -> bool:
     """Tune glibc malloc as described above; True if applied, False where it does not apply
     (not glibc, or opted out through HETXL_KEEP_HOST_MEMORY=0)."""
-    if os.environ.get(OPT_OUT_VARIABLE, "1") == "0":
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if os.environ.get(OPT_OUT_VARIABLE, "1") == "0" or not uses_glibc():
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     settings = (

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from scripts.host_memory import OPT_OUT_VARIABLE
+from scripts.host_memory import OPT_OUT_VARIABLE, keep_host_memory, uses_glibc
 from tests import REPO
 
 BLOCK_BYTES = 64 << 20
@@ -65,10 +65,7 @@ def second_round_faults(mode: str) -> int:
     return int(result.stdout.strip())
 
 
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
-    reason="glibc malloc tuning",
-)
+@pytest.mark.skipif(not uses_glibc(), reason="glibc malloc tuning")
 def test_freed_block_is_reused_without_page_faults():
     pages = BLOCK_BYTES // PAGE_BYTES
     assert second_round_faults("default") >= pages // 2  # mapped anew: a fault per page written
@@ -76,7 +73,5 @@ def test_freed_block_is_reused_without_page_faults():
 
 
 def test_opt_out_leaves_malloc_alone(monkeypatch):
-    from scripts.host_memory import keep_host_memory
-
     monkeypatch.setenv(OPT_OUT_VARIABLE, "0")
     assert keep_host_memory() is False
