@@ -41,11 +41,12 @@ def main(argv: list[str]) -> None:
         "seed": 0,
         "prefetch": 1,
     }
-    if batches == "all":
+    limit = None if batches == "all" else int(batches)
+    if limit is None:
         config["num_epochs"] = 1
     iterator = make_global_iterator(config, mesh)
     local, gathered = [], []
-    for batch in itertools.islice(iterator, None if batches == "all" else int(batches)):
+    for batch in itertools.islice(iterator, limit):
         image = batch["image"]
         for shard in image.addressable_shards:
             local += np.asarray(shard.data)[:, 0, 0, 0].astype(int).tolist()
