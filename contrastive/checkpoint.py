@@ -38,7 +38,6 @@ import logging
 import os
 import signal
 import threading
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -46,6 +45,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from contrastive.storage import CHECKPOINT_SCHEMES
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ class _InputStateHandler(ocp.CheckpointHandler):
     Orbax's built-in handlers write either sharded arrays or one file from the primary process;
     an input position is neither (each process has its own, of its own size). The write is
     synchronous and small, so it is done before `save()` returns and the caller may reuse the
-    array afterwards. The process count is part of the file name, so a run resumed on a
-    different number of processes does not pick up another process's position.
+    array afterwards. The process count is part of the file name; a run resumed on a different
+    number of processes gets process 0's position, which the input pipeline accepts only where
+    the position means the same in both layouts.
     """
 
     def __init__(self, process_index: int, process_count: int):
@@ -97,14 +99,19 @@ class _InputStateHandler(ocp.CheckpointHandler):
         if path.exists():
             return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
         others = sorted(p.name for p in directory.iterdir() if p.name.endswith(".npy"))
-        if others:
-            logger.warning(
-                "checkpoint %s has input states %s but none named %s (saved by a different number "
-                "of processes?); this process's input starts afresh",
+        first = [name for name in others if name.startswith("process_0-of-")]
+        if first:
+            # Saved by another number of processes: the pipeline decides whether a position
+            # from that layout carries over (it does when every process reads one global
+            # order, see data/pipeline.py) and says why not otherwise.
+            logger.info(
+                "checkpoint %s has input states %s, none named %s; passing %s to the pipeline",
                 directory.parent,
                 others,
                 self._filename,
+                first[0],
             )
+            return np.load(io.BytesIO((directory / first[0]).read_bytes()), allow_pickle=False)
         return None
 
 
@@ -123,7 +130,8 @@ def _abstract_leaf(path: Any, leaf: Any) -> jax.ShapeDtypeStruct:
 class Checkpointer:
     """Saves and restores (train state, per-process input state, JSON metadata) by step.
 
-    directory: local path or a URL orbax understands (e.g. gs://...), shared by all processes.
+    directory: a local path, gs://... or s3://... (where orbax's tensorstore writes arrays),
+      shared by all processes.
     keep: how many of the most recent checkpoints to keep; older ones are deleted whole.
     async_save: write in a background thread; `save()` returns once the state is copied to host.
     process_index, process_count: which input-state file is this process's; default
@@ -134,7 +142,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        directory: str | Path,
+        directory: str,
         keep: int = 3,
         async_save: bool = True,
         process_index: int | None = None,
@@ -143,6 +151,11 @@ class Checkpointer:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
         directory = str(directory)
+        if "://" in directory and not directory.startswith(CHECKPOINT_SCHEMES):
+            raise ValueError(
+                f"checkpoints cannot be written to {directory}: orbax stores arrays on local "
+                f"disks or under {' or '.join(CHECKPOINT_SCHEMES)}; set checkpoint.directory"
+            )
         self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
@@ -250,6 +263,26 @@ class Checkpointer:
             ),
         )
         return restored[STATE_ITEM], restored[INPUT_STATE_ITEM], dict(restored[METADATA_ITEM])
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters of finalized checkpoint `step` (no optimizer state, no input
+        position): what evaluation needs, read straight into abstract_params' shardings."""
+        self._manager.wait_until_finished()
+        if step not in self.all_steps():
+            raise FileNotFoundError(
+                f"no finalized checkpoint for step {step} in {self.directory}; "
+                f"available: {self.all_steps()}"
+            )
+        target = {"params": jax.tree_util.tree_map_with_path(_abstract_leaf, abstract_params)}
+        restored = ocp.PyTreeCheckpointer().restore(
+            self.directory / str(step) / STATE_ITEM,
+            args=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            ),
+        )
+        return restored["params"]
 
     def wait_until_finished(self) -> None:
         """Blocks until the save in flight (if any) is finalized and old steps are deleted."""

@@ -12,7 +12,8 @@
     log_every        steps between metric lines
     evals            {name: {"kind": "zeroshot" | "classification", "every_steps": int, ...}}
     mesh             {"data": int, "fsdp": int}, one of them -1 (all remaining devices)
-    checkpoint       {"every_steps": int, "keep": int, "async_save": bool}
+    checkpoint       {"every_steps": int, "keep": int, "async_save": bool, "directory": str}
+                     (directory: default WORKDIR/checkpoints; local, gs:// or s3://)
     max_nonfinite_in_a_row   halt after this many consecutive skipped (non-finite) updates
     accum_steps      contrastive only: split each batch into this many microbatches for memory,
                      keeping every negative of the full batch (contrastive/accumulation.py)
@@ -55,7 +56,7 @@ CLASSIFIER_KEYS = (
     "temperature",
     "image_size",
 )
-CHECKPOINT_KEYS = {"every_steps": int, "keep": int, "async_save": bool}
+CHECKPOINT_KEYS = {"every_steps": int, "keep": int, "async_save": bool, "directory": str}
 EVAL_KEYS = {
     "zeroshot": ("kind", "every_steps", "dataset", "input", "tokenizer", "text_length"),
     "classification": ("kind", "every_steps", "input"),
@@ -104,6 +105,10 @@ def validate_structure(config: Mapping[str, Any]) -> list[str]:
         if unknown:
             problems.append(f"unknown model key(s) {unknown}; known: {list(CLASSIFIER_KEYS)}")
     problems += _check_block(config.get("checkpoint"), "checkpoint", CHECKPOINT_KEYS)
+    for key in ("every_steps", "keep"):
+        value = (config.get("checkpoint") or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            problems.append(f"checkpoint.{key}={value} must be >= 1")
     init = config.get("model_init") or {}
     unknown = sorted(set(init) - set(MODEL_INIT_KEYS))
     if unknown:

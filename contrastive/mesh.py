@@ -1,10 +1,15 @@
 """Device mesh and parameter sharding.
 
-The mesh has a data axis and an optional FSDP axis. The global batch is split over both (every
-device sees different examples); parameters and optimizer state are replicated over "data" and,
-when the "fsdp" axis has more than one device, split over it along their largest divisible
-dimension (ZeRO-3 style: XLA gathers each weight where it is used and reduce-scatters its
-gradient).
+The mesh has a data axis and an optional FSDP axis. Devices are laid out by JAX's topology-aware
+helper (mesh_utils), so neighbouring mesh positions are neighbours on the TPU torus or GPU
+island; on a multi-slice job (devices with several `slice_index` values) the data axis spans
+the slices over the data-centre network while FSDP stays inside a slice on the fast
+interconnect (a hybrid mesh), so the only traffic between slices is the gradient all-reduce.
+
+The global batch is split over both axes (every device sees different examples); parameters and
+optimizer state are replicated over "data" and, when the "fsdp" axis has more than one device,
+split over it along their largest divisible dimension (ZeRO-3 style: XLA gathers each weight
+where it is used and reduce-scatters its gradient).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 BATCH_AXES = ("data", "fsdp")
@@ -35,8 +41,26 @@ def make_mesh(axis_sizes: Mapping[str, int] | None = None, devices=None) -> Mesh
         sizes[free[0]] = len(devices) // fixed
     if int(np.prod(list(sizes.values()))) != len(devices):
         raise ValueError(f"mesh sizes {sizes} do not multiply to the {len(devices)} devices")
-    shape = [sizes[name] for name in BATCH_AXES]
-    return Mesh(np.asarray(devices).reshape(shape), BATCH_AXES)
+    shape = tuple(sizes[name] for name in BATCH_AXES)
+    return Mesh(device_grid(shape, devices), BATCH_AXES)
+
+
+def device_grid(shape: tuple[int, int], devices) -> np.ndarray:
+    """Devices arranged as (data, fsdp), topology-aware; hybrid when there are several slices."""
+    slices = sorted({getattr(device, "slice_index", 0) for device in devices})
+    if len(slices) > 1:
+        data, fsdp = shape
+        if data % len(slices):
+            raise ValueError(
+                f"the data axis ({data}) must be a multiple of the {len(slices)} slices: FSDP "
+                "stays inside a slice, data parallelism spans them"
+            )
+        return mesh_utils.create_hybrid_device_mesh(
+            (data // len(slices), fsdp), (len(slices), 1), devices
+        )
+    if len(devices) == 1:
+        return np.asarray(devices).reshape(shape)
+    return mesh_utils.create_device_mesh(shape, devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

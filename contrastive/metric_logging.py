@@ -2,7 +2,8 @@
 
 Only process 0 writes. metrics.jsonl has one JSON object per logged step with at least "step";
 after a restart from step k, lines of steps > k (logged after the checkpoint the run resumed
-from) are dropped, so the file reads as one uninterrupted run.
+from) are dropped, so the file reads as one uninterrupted run. A torn last line (a process killed
+mid-write) is dropped with a warning. The workdir may be a bucket URL (contrastive/storage.py).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 import jax
 import numpy as np
 from clu import metric_writers
+
+from contrastive import storage
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -28,28 +30,42 @@ def _scalar(value) -> float | int:
     return float(value)
 
 
-def read_metrics(workdir: str | Path) -> list[dict]:
-    """All objects of workdir/metrics.jsonl, in order."""
-    path = Path(workdir) / METRICS_FILE
-    if not path.exists():
+def read_metrics(workdir: str) -> list[dict]:
+    """All objects of workdir/metrics.jsonl, in order; an unreadable last line is dropped."""
+    path = storage.join(workdir, METRICS_FILE)
+    if not storage.exists(path):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in storage.read_text(path).splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number} is not JSON: {line[:80]!r}") from None
+            logging.warning("%s: dropping its torn last line %r", path, line[:80])
+    return rows
 
 
 class MetricLogger:
     """write(step, metrics) -> TensorBoard scalars + one metrics.jsonl line (process 0 only)."""
 
-    def __init__(self, workdir: str | Path, resume_step: int = 0, primary: bool | None = None):
+    def __init__(self, workdir: str, resume_step: int = 0, primary: bool | None = None):
         self.primary = jax.process_index() == 0 if primary is None else primary
-        self.path = Path(workdir) / METRICS_FILE
+        self.path = storage.join(workdir, METRICS_FILE)
         self.writer = None
+        self.file = None
         if not self.primary:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [row for row in read_metrics(workdir) if row["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        self.writer = metric_writers.create_default_writer(
-            str(Path(workdir) / "tensorboard"), asynchronous=True
+        # One handle for the whole run: object stores cannot append to a closed object.
+        self.file = storage.open_for_writing(self.path)
+        self.file.write("".join(json.dumps(row) + "\n" for row in kept))
+        self.file.flush()
+        # Built by hand rather than with create_default_writer, which passes the folder through
+        # etils.epath (no ram:// there); TF's summary writer itself takes any gfile URL.
+        self.writer = metric_writers.AsyncMultiWriter(
+            [metric_writers.SummaryWriter(storage.join(workdir, "tensorboard"))]
         )
 
     def write(self, step: int, metrics: Mapping[str, object]) -> dict:
@@ -61,11 +77,14 @@ class MetricLogger:
                 k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                 for k, v in row.items()
             }
-            with self.path.open("a") as file:
-                file.write(json.dumps(serializable) + "\n")
+            self.file.write(json.dumps(serializable) + "\n")
+            self.file.flush()
         return row
 
     def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

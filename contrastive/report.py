@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
-from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+from contrastive import storage
 
 PANELS = (
     ("loss", "training loss"),
@@ -17,8 +14,14 @@ PANELS = (
 )
 
 
-def plot_curves(rows: Sequence[dict], path: str | Path) -> Path:
-    """One panel per metric of PANELS present in rows (a metric absent everywhere is skipped)."""
+def plot_curves(rows: Sequence[dict], path: str) -> str:
+    """One panel per metric of PANELS present in rows (a metric absent everywhere is skipped);
+    path may be a bucket URL."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display; chosen here, not at import
+    import matplotlib.pyplot as plt
+
     panels = [(key, title) for key, title in PANELS if any(key in row for row in rows)]
     if not panels:
         raise ValueError(f"no metric of {[key for key, _ in PANELS]} in the rows")
@@ -31,7 +34,8 @@ def plot_curves(rows: Sequence[dict], path: str | Path) -> Path:
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
-    return path
+    storage.write_bytes(str(path), buffer.getvalue())
+    return str(path)

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from jax.experimental import multihost_utils
 
-from contrastive import config_schema
+from contrastive import config_schema, storage
 from contrastive.accumulation import accumulated_contrastive_value_and_grad, check_microbatching
 from contrastive.checkpoint import Checkpointer, PreemptionGuard
 from contrastive.config_schema import ConfigError, as_dict
@@ -31,7 +30,12 @@ from contrastive.mesh import BATCH_AXES, make_mesh
 from contrastive.metric_logging import MetricLogger, Progress, log_primary
 from contrastive.objectives import classification_objective, contrastive_objective
 from contrastive.optim import make_optimizer, validate_optim_config
-from contrastive.step import abstract_train_state, init_train_state, make_train_step
+from contrastive.step import (
+    abstract_params,
+    abstract_train_state,
+    init_train_state,
+    make_train_step,
+)
 from data.config import validate_input_config
 from data.pipeline import make_global_iterator, make_local_iterator
 from data.sources import make_source
@@ -195,26 +199,94 @@ def build_evaluators(values: Mapping[str, Any], task: Task, mesh) -> dict[str, t
 
 
 # ----------------------------------------------------------------------------------------------
+# Run files and resuming
+
+
+def checkpoint_directory(values: Mapping[str, Any], workdir: str) -> str:
+    """checkpoint.directory, or WORKDIR/checkpoints."""
+    return (values.get("checkpoint") or {}).get("directory") or storage.join(workdir, "checkpoints")
+
+
+# What a resumed run must share with the run that wrote the checkpoint: anything else would
+# restore parameters or optimizer state into a different structure or meaning.
+RESUME_KEYS = ("task", "model", "loss", "optim")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        flat = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: value}
+
+
+def check_resume_compatible(saved: Mapping[str, Any], values: Mapping[str, Any], workdir) -> None:
+    """Raises ConfigError listing the keys of RESUME_KEYS whose values differ."""
+    normalise = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731
+    before = _flatten({k: normalise(saved.get(k)) for k in RESUME_KEYS})
+    after = _flatten({k: normalise(values.get(k)) for k in RESUME_KEYS})
+    differing = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if differing:
+        changes = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in differing[:12])
+        blocks = ", ".join(sorted({k.split(".")[0] for k in differing}))
+        raise ConfigError(
+            f"{workdir} holds a run with a different {blocks} "
+            f"({changes}{' ...' if len(differing) > 12 else ''}); nothing was changed. "
+            "Train it in a new --workdir, or resume this one with its own config."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop
 
 
-def preemption_requested(guard: PreemptionGuard) -> bool:
-    """True on every process as soon as any process received SIGTERM (a checkpoint is a
-    collective: all processes must decide to save at the same step)."""
-    if jax.process_count() == 1:
-        return guard.requested
-    flags = multihost_utils.process_allgather(np.asarray([guard.requested], np.int32))
-    return bool(np.any(flags))
+class PreemptionWatch:
+    """Whether to save and stop now, asked once per step without waiting on any device.
+
+    One process: a SIGTERM or Ctrl-C handler sets a flag. Several processes: JAX's preemption
+    service (started by jax.distributed.initialize) hears SIGTERM on any host and agrees on one
+    step at which every process sees True, so the collective save happens at the same step
+    everywhere; no Python handler is installed then, since it would replace the service's.
+    """
+
+    def __init__(self):
+        self.distributed = jax.process_count() > 1 and _preemption_service_running()
+        self.guard = None if self.distributed else PreemptionGuard(catch_sigint=True)
+
+    def __enter__(self):
+        if self.guard is not None:
+            self.guard.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.guard is not None:
+            self.guard.__exit__(*exc_info)
+
+    def requested(self, step: int, sync_point: bool) -> bool:
+        if self.distributed:
+            return multihost_utils.reached_preemption_sync_point(step)
+        if jax.process_count() == 1:
+            return self.guard.requested
+        # Several processes without the service: agree at sync points only (an all-gather).
+        if not sync_point:
+            return False
+        flags = multihost_utils.process_allgather(np.asarray([self.guard.requested], np.int32))
+        return bool(np.any(flags))
 
 
-def train(config, workdir: str | Path) -> TrainResult:
+def _preemption_service_running() -> bool:
+    from jax._src import distributed
+
+    return distributed.global_state.preemption_sync_manager is not None
+
+
+def train(config, workdir: str) -> TrainResult:
     """Trains (or resumes from the latest checkpoint in workdir) until the configured length or
-    a SIGTERM; returns the last step, whether it was preempted and the last logged metrics."""
+    a SIGTERM / Ctrl-C; returns the last step, whether it was preempted and the last logged
+    metrics. workdir may be a bucket URL (gs://...)."""
     values = validate_config(config)
-    workdir = Path(workdir)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(values, indent=2, default=str))
+    workdir = storage.absolute(str(workdir))
 
     # --- Length, then the optimizer block checked against it (still before reading data)
     train_input = validate_input_config(values["input"])
@@ -225,6 +297,18 @@ def train(config, workdir: str | Path) -> TrainResult:
         validate_optim_config(dict(values["optim"]), num_steps)
     except ValueError as error:
         raise ConfigError(f"invalid config:\n  optim: {error}") from error
+
+    # --- A resumed run must be the same run (checked before anything is written)
+    config_path = storage.join(workdir, "config.json")
+    checkpoint = values.get("checkpoint") or {}
+    checkpointer = Checkpointer(
+        checkpoint_directory(values, workdir),
+        keep=checkpoint.get("keep", 3),
+        async_save=checkpoint.get("async_save", True),
+    )
+    latest = checkpointer.latest_step()
+    if latest is not None and storage.exists(config_path):
+        check_resume_compatible(json.loads(storage.read_text(config_path)), values, workdir)
 
     # --- Mesh and input
     mesh = make_mesh(values.get("mesh"))
@@ -242,13 +326,6 @@ def train(config, workdir: str | Path) -> TrainResult:
     frozen = frozen_mask(param_shapes, freeze_rules) if freeze_rules else None
 
     # --- State: restored from the latest checkpoint, or fresh
-    checkpoint = values.get("checkpoint") or {}
-    checkpointer = Checkpointer(
-        workdir / "checkpoints",
-        keep=checkpoint.get("keep", 3),
-        async_save=checkpoint.get("async_save", True),
-    )
-    latest = checkpointer.latest_step()
     if latest is not None:
         abstract, shardings = abstract_train_state(task.init_params, optimizer, rng, mesh)
         state, input_state, _ = checkpointer.restore(latest, abstract)
@@ -259,6 +336,9 @@ def train(config, workdir: str | Path) -> TrainResult:
         state, shardings = init_train_state(
             task.init_params, optimizer, rng, mesh, load_params=task.load_params
         )
+    # Written only now: a config that failed validation or restore leaves the workdir as it was.
+    if jax.process_index() == 0:
+        storage.write_text(config_path, json.dumps(values, indent=2, default=str))
     value_and_grad = None
     if accum_steps > 1:
         value_and_grad = accumulated_contrastive_value_and_grad(
@@ -267,7 +347,9 @@ def train(config, workdir: str | Path) -> TrainResult:
     step_fn = make_train_step(task.objective, optimizer, mesh, shardings, frozen, value_and_grad)
     evaluators = build_evaluators(values, task, mesh)
 
-    # --- Loop
+    # --- Loop. Steps are dispatched without waiting on device values; the host reads the
+    # device (metrics, non-finite counter, agreement on preemption) only at sync points: log,
+    # evaluation and checkpoint steps.
     first_step = int(state.step)
     log_every = values.get("log_every", 50)
     checkpoint_every = checkpoint.get("every_steps", 1000)
@@ -285,14 +367,16 @@ def train(config, workdir: str | Path) -> TrainResult:
             metadata={"step": step, "config": values},
         )
 
-    with PreemptionGuard() as guard:
+    with PreemptionWatch() as preemption:
         for step in range(first_step + 1, num_steps + 1):
             state, metrics = step_fn(state, next(train_iter))
             is_last = step == num_steps
             due_log = step % log_every == 0 or is_last
+            due_checkpoint = step % checkpoint_every == 0 or is_last
             due_evals = {
                 n: e for n, (every, e) in evaluators.items() if step % every == 0 or is_last
             }
+            sync_point = due_log or due_checkpoint or bool(due_evals)
             if due_log or due_evals:
                 metrics = jax.device_get(metrics)
                 metrics["learning_rate"] = float(schedule(step - 1))
@@ -310,18 +394,18 @@ def train(config, workdir: str | Path) -> TrainResult:
                     metrics.update(results)
                 progress.rate(step)  # evaluation time does not count against throughput
                 last_metrics = logger.write(step, metrics)
-            if int(state.nonfinite_in_a_row) >= max_nonfinite:
+            if sync_point and int(state.nonfinite_in_a_row) >= max_nonfinite:
                 checkpointer.wait_until_finished()
                 raise FloatingPointError(
                     f"{int(state.nonfinite_in_a_row)} non-finite updates in a row at step {step}; "
                     f"the last checkpoint holds finite parameters"
                 )
-            if preemption_requested(guard):
+            if preemption.requested(step, sync_point):
                 save(step)
                 preempted = True
                 log_primary(f"termination requested: saved step {step} and stopped")
                 break
-            if step % checkpoint_every == 0 or is_last:
+            if due_checkpoint:
                 save(step)
     checkpointer.wait_until_finished()
     checkpointer.close()
@@ -335,30 +419,47 @@ def train(config, workdir: str | Path) -> TrainResult:
 
 @dataclasses.dataclass
 class TrainedRun:
+    """A finished (or running) run's config, model and parameters at one step.
+
+    state: the whole TrainState (optimizer included), only when asked for with_optimizer.
+    """
+
     values: dict
     task: Task
     mesh: Any
-    state: Any
+    params: Any
     step: int
+    state: Any = None
 
 
-def load_trained(workdir: str | Path, step: int | None = None) -> TrainedRun:
-    """The config a run saved in workdir and its state at `step` (default: the latest)."""
-    workdir = Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.exists():
+def load_trained(workdir: str, step: int | None = None, with_optimizer: bool = False) -> TrainedRun:
+    """The config a run saved in workdir and its parameters at `step` (default: the latest).
+
+    Only the parameters are read (no optimizer state, no training input), unless
+    with_optimizer asks for the whole train state.
+    """
+    workdir = storage.absolute(str(workdir))
+    config_path = storage.join(workdir, "config.json")
+    if not storage.exists(config_path):
         raise FileNotFoundError(f"{workdir} holds no config.json: is it a training workdir?")
-    values = validate_config(json.loads(config_path.read_text()))
-    checkpointer = Checkpointer(workdir / "checkpoints")
+    values = validate_config(json.loads(storage.read_text(config_path)))
+    checkpointer = Checkpointer(checkpoint_directory(values, workdir))
     step = checkpointer.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no finished checkpoint")
+        raise FileNotFoundError(f"{workdir} holds no finished checkpoint")
     mesh = make_mesh(values.get("mesh"))
     task = build_task(values, mesh)
     rng = jax.random.key(values.get("seed", 0))
     param_shapes = jax.eval_shape(task.init_params, rng)
-    optimizer, _ = make_optimizer(dict(values["optim"]), resolve_total_steps(values), param_shapes)
-    abstract, _ = abstract_train_state(task.init_params, optimizer, rng, mesh)
-    state, _, _ = checkpointer.restore(step, abstract)
+    state = None
+    if with_optimizer:
+        optimizer, _ = make_optimizer(
+            dict(values["optim"]), resolve_total_steps(values), param_shapes
+        )
+        abstract, _ = abstract_train_state(task.init_params, optimizer, rng, mesh)
+        state, _, _ = checkpointer.restore(step, abstract)
+        params = state.params
+    else:
+        params = checkpointer.restore_params(step, abstract_params(task.init_params, rng, mesh))
     checkpointer.close()
-    return TrainedRun(values, task, mesh, state, step)
+    return TrainedRun(values, task, mesh, params, step, state)

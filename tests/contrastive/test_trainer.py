@@ -204,9 +204,15 @@ def test_sigterm_saves_and_a_resumed_run_ends_where_an_uninterrupted_one_does(
         [row["loss"] for row in reference],
         rtol=1e-6,
     )
-    a = trainer.load_trained(uninterrupted, step=8).state
-    b = trainer.load_trained(interrupted, step=8).state
+    a = trainer.load_trained(uninterrupted, step=8, with_optimizer=True).state
+    b = trainer.load_trained(interrupted, step=8, with_optimizer=True).state
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(a.opt_state), jax.tree.leaves(b.opt_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # Evaluation reads the parameters alone, and they are the same ones.
+    params_only = trainer.load_trained(interrupted, step=8).params
+    for x, y in zip(jax.tree.leaves(params_only), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 

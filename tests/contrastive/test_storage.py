@@ -1,0 +1,100 @@
+"""Run files on a filesystem that pathlib would mangle, and workdirs that a mistake cannot damage.
+
+TF's in-memory `ram://` filesystem stands in for a bucket: pathlib turns "ram://b/run" into the
+local relative path "ram:/b/run", exactly as it turns "gs://b/run" into "gs:/b/run". Orbax writes
+array data only to local disks, gs:// or s3://, so checkpoints go to checkpoint.directory here.
+"""
+
+import json
+import os
+
+import pytest
+import tensorflow as tf
+
+from contrastive import storage
+from contrastive.checkpoint import Checkpointer
+from contrastive.config_schema import ConfigError
+from contrastive.metric_logging import MetricLogger, read_metrics
+from contrastive.trainer import load_trained, train
+from scripts.zeroshot_eval import evaluate
+from tests.contrastive.test_trainer import contrastive_config, fashion_dir  # noqa: F401
+
+
+def test_storage_reads_and_writes_urls_without_touching_local_disk(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = "ram://bucket/storage-test"
+    assert storage.join(base, "a", "b.txt") == "ram://bucket/storage-test/a/b.txt"
+    assert storage.absolute(base) == base
+    storage.write_text(storage.join(base, "a", "b.txt"), "hello")
+    assert storage.read_text(storage.join(base, "a", "b.txt")) == "hello"
+    assert not storage.exists(storage.join(base, "a", "b.txt.tmp"))
+    assert tf.io.gfile.listdir(storage.join(base, "a")) == ["b.txt"]
+    assert not os.path.exists(tmp_path / "ram:")
+
+
+def test_metrics_file_grows_on_a_url_and_drops_a_torn_last_line():
+    workdir = "ram://bucket/metrics-test"
+    logger = MetricLogger(workdir, primary=True)
+    logger.write(1, {"loss": 2.0})
+    # Readable while the run is still writing (each write is flushed).
+    assert read_metrics(workdir) == [{"step": 1, "loss": 2.0}]
+    logger.write(2, {"loss": 1.0})
+    logger.close()
+    path = storage.join(workdir, "metrics.jsonl")
+    storage.write_text(path, storage.read_text(path) + '{"step": 3, "lo')
+    assert [row["step"] for row in read_metrics(workdir)] == [1, 2]
+    resumed = MetricLogger(workdir, resume_step=1, primary=True)
+    resumed.close()
+    assert read_metrics(workdir) == [{"step": 1, "loss": 2.0}]
+
+
+def test_checkpoints_refuse_a_scheme_orbax_cannot_write():
+    with pytest.raises(ValueError, match="checkpoint.directory"):
+        Checkpointer("ram://bucket/run/checkpoints")
+
+
+def test_a_whole_run_its_resume_and_zero_shot_evaluation_on_a_url_workdir(
+    fashion_dir,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    monkeypatch.chdir(tmp_path)
+    workdir = "ram://bucket/run"
+    config = contrastive_config(fashion_dir, "clip", steps=3)
+    config.checkpoint.directory = str(tmp_path / "checkpoints")
+    config.evals.zeroshot.every_steps = 3
+    assert train(config, workdir).step == 3
+    # A longer run of the same experiment resumes from the checkpoint.
+    config.total_steps = 5
+    result = train(config, workdir)
+    assert result.step == 5 and not result.preempted
+    assert [row["step"] for row in read_metrics(workdir)] == [2, 3, 4, 5]
+    saved = json.loads(storage.read_text(storage.join(workdir, "config.json")))
+    assert saved["total_steps"] == 5
+    assert tf.io.gfile.isdir(storage.join(workdir, "tensorboard"))
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [3, 5]
+
+    report = evaluate(workdir)
+    assert report["step"] == 5 and report["zeroshot_examples"] == 20
+    assert load_trained(workdir).step == 5
+    # Nothing landed in a local folder named after the scheme.
+    assert not os.path.exists(tmp_path / "ram:")
+
+
+def test_a_mistaken_resume_is_refused_and_leaves_the_run_intact(
+    fashion_dir,  # noqa: F811
+    tmp_path,
+):
+    config = contrastive_config(fashion_dir, "clip", steps=2)
+    config.evals = {}
+    train(config, tmp_path)
+    before = (tmp_path / "config.json").read_text()
+
+    other = contrastive_config(fashion_dir, "siglip", steps=2)
+    other.evals = {}
+    with pytest.raises(ConfigError) as error:
+        train(other, tmp_path)
+    message = str(error.value)
+    assert "loss.name: 'clip' -> 'siglip'" in message and "new --workdir" in message
+    assert (tmp_path / "config.json").read_text() == before
+    assert load_trained(tmp_path).step == 2
