@@ -91,7 +91,11 @@ class MetricLogger:
 
 
 class Progress:
-    """One log line per call: step, loss, throughput and ETA (process 0 only)."""
+    """One log line per call: step, loss, throughput and ETA (process 0 only).
+
+    The first interval after a (re)start includes compilation and the first input batches, so
+    its rate is printed but not used for the ETA; later lines use the latest steady rate.
+    """
 
     def __init__(self, total_steps: int, first_step: int, examples_per_step: int, devices: int):
         self.total_steps, self.examples_per_step, self.devices = (
@@ -100,21 +104,40 @@ class Progress:
             devices,
         )
         self.last_step, self.last_time = first_step, time.perf_counter()
+        self.warmed_up = False
+        self.steady_rate: float | None = None
 
     def rate(self, step: int) -> float:
         """Examples per second since the previous call (and resets the clock)."""
         now = time.perf_counter()
         rate = (step - self.last_step) * self.examples_per_step / max(now - self.last_time, 1e-9)
+        if step > self.last_step:
+            if self.warmed_up:
+                self.steady_rate = rate
+            self.warmed_up = True
         self.last_step, self.last_time = step, now
         return rate
 
     def line(self, step: int, loss: float, examples_per_sec: float) -> str:
-        remaining = (self.total_steps - step) * self.examples_per_step / max(examples_per_sec, 1e-9)
+        if self.steady_rate is None:
+            eta = "after warm-up"
+        else:
+            remaining = (self.total_steps - step) * self.examples_per_step / self.steady_rate
+            eta = format_duration(remaining)
         return (
             f"step {step}/{self.total_steps} | loss {loss:.4f} | "
             f"{examples_per_sec:.1f} img/s ({examples_per_sec / self.devices:.1f}/device) | "
-            f"ETA {format_duration(remaining)}"
+            f"ETA {eta}"
         )
+
+
+def format_metrics(metrics: Mapping[str, object]) -> str:
+    """ "name value, ..." with integers as integers and floats to 4 decimals."""
+    parts = []
+    for key, value in metrics.items():
+        value = _scalar(value)
+        parts.append(f"{key} {value}" if isinstance(value, int) else f"{key} {value:.4f}")
+    return ", ".join(parts)
 
 
 def format_duration(seconds: float) -> str:

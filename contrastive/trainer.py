@@ -27,9 +27,16 @@ from contrastive.evaluators.zeroshot import ZeroShotEvaluator
 from contrastive.freezing import frozen_mask
 from contrastive.losses import make_loss
 from contrastive.mesh import BATCH_AXES, make_mesh
-from contrastive.metric_logging import MetricLogger, Progress, log_primary
+from contrastive.metric_logging import (
+    MetricLogger,
+    Progress,
+    format_metrics,
+    log_primary,
+    read_metrics,
+)
 from contrastive.objectives import classification_objective, contrastive_objective
 from contrastive.optim import make_optimizer, validate_optim_config
+from contrastive.report import plot_curves
 from contrastive.step import (
     abstract_params,
     abstract_train_state,
@@ -367,6 +374,10 @@ def train(config, workdir: str) -> TrainResult:
             metadata={"step": step, "config": values},
         )
 
+    if first_step < num_steps:
+        log_primary(
+            f"compiling the train step and reading the first batches (step {first_step + 1})"
+        )
     with PreemptionWatch() as preemption:
         for step in range(first_step + 1, num_steps + 1):
             state, metrics = step_fn(state, next(train_iter))
@@ -387,13 +398,12 @@ def train(config, workdir: str) -> TrainResult:
                 )
                 for name, evaluator in due_evals.items():
                     results = evaluator.run(state.params)
-                    log_primary(
-                        f"step {step} | {name}: "
-                        + ", ".join(f"{k} {v:.4f}" for k, v in results.items())
-                    )
+                    log_primary(f"step {step} | {name}: {format_metrics(results)}")
                     metrics.update(results)
                 progress.rate(step)  # evaluation time does not count against throughput
                 last_metrics = logger.write(step, metrics)
+                if due_evals and jax.process_index() == 0:
+                    plot_curves(read_metrics(workdir), storage.join(workdir, "curves.png"))
             if sync_point and int(state.nonfinite_in_a_row) >= max_nonfinite:
                 checkpointer.wait_until_finished()
                 raise FloatingPointError(

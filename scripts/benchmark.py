@@ -3,6 +3,15 @@
     python -m scripts.benchmark loss --batch 1024 --dim 512 --samples 16 64 [--json]
     python -m scripts.benchmark step --config configs/bench_ti.py [--loss clip|hetxl] [--json]
 
+    python -m scripts.benchmark loop --config configs/bench_ti.py [--loss ...] [--steps 20] --json
+
+`loop`: the cost of the train loop around the compiled step. The same compiled step runs
+--steps times three ways: `bare` (dispatched back to back, one wait at the end), `trainer` (with
+the trainer's per-step work: the preemption check, and at every --log_every-th step the sync
+point that reads metrics and the non-finite counter) and `sync_every_step` (reading a device
+value after every step, which stops the host from queueing the next step while one runs).
+Reports step_ms for each and trainer_overhead = trainer / bare - 1.
+
 `step`: one object per config: step_ms (median), images_per_sec, peak_bytes, and
 host_memory_kept (whether scripts/host_memory.py's malloc tuning is on; HETXL_KEEP_HOST_MEMORY=0
 turns it off to measure without it).
@@ -29,7 +38,7 @@ from contrastive.losses import make_loss, shard_loss
 from contrastive.mesh import batch_sharding, make_mesh, replicated
 from contrastive.optim import make_optimizer
 from contrastive.step import init_train_state, make_train_step
-from contrastive.trainer import build_task, validate_config
+from contrastive.trainer import PreemptionWatch, build_task, validate_config
 from contrastive.xla_stats import peak_bytes
 from models.heteroscedastic import NoiseParameters
 from models.two_towers import example_inputs
@@ -106,8 +115,9 @@ def benchmark_losses(args) -> list[dict]:
     return rows
 
 
-def benchmark_step(args) -> list[dict]:
-    """The full train step (both towers, loss, AdamW update) of a config on random batches."""
+def compiled_step(args):
+    """(spec, values, mesh, compiled step, state, device batch) for the config's train step on a
+    random batch of its shapes."""
     arg = f"loss={args.loss}" if args.loss else None
     spec = args.config if ":" in args.config or not arg else f"{args.config}:{arg}"
     values = validate_config(load_config(spec))
@@ -130,6 +140,12 @@ def benchmark_step(args) -> list[dict]:
         batch_sharding(mesh),
     )
     compiled = step.lower(state, batch).compile()
+    return spec, values, mesh, compiled, state, batch
+
+
+def benchmark_step(args) -> list[dict]:
+    """The full train step (both towers, loss, AdamW update) of a config on random batches."""
+    spec, values, mesh, compiled, state, batch = compiled_step(args)
     times = []
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
@@ -139,6 +155,7 @@ def benchmark_step(args) -> list[dict]:
         jax.block_until_ready(metrics)
         times.append((time.perf_counter() - start) * 1e3)
     step_ms = statistics.median(times)
+    batch_size = values["input"]["batch_size"]
     return [
         dict(
             config=spec,
@@ -149,6 +166,61 @@ def benchmark_step(args) -> list[dict]:
             images_per_sec=round(batch_size / step_ms * 1e3, 1),
             peak_bytes=peak_bytes(compiled),
             host_memory_kept=HOST_MEMORY_KEPT,
+        )
+    ]
+
+
+def benchmark_loop(args) -> list[dict]:
+    """Step time of the compiled step alone, inside the trainer's loop, and with a host sync
+    after every step (see the module docstring)."""
+    spec, values, mesh, compiled, state, batch = compiled_step(args)
+    state, metrics = compiled(state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+
+    def bare(state):
+        for _ in range(args.steps):
+            state, metrics = compiled(state, batch)
+        return state, metrics
+
+    def trainer_loop(state):
+        # The trainer's per-step host work (contrastive/trainer.py): the preemption check each
+        # step, device values read only at sync points.
+        with PreemptionWatch() as preemption:
+            for step in range(1, args.steps + 1):
+                state, metrics = compiled(state, batch)
+                sync_point = step % args.log_every == 0
+                if sync_point:
+                    metrics = jax.device_get(metrics)
+                    int(state.nonfinite_in_a_row)
+                preemption.requested(step, sync_point)
+        return state, metrics
+
+    def sync_every_step(state):
+        for _ in range(args.steps):
+            state, metrics = compiled(state, batch)
+            int(state.nonfinite_in_a_row)
+        return state, metrics
+
+    rows = {}
+    for name, loop in (
+        ("bare", bare),
+        ("trainer", trainer_loop),
+        ("sync_every_step", sync_every_step),
+    ):
+        start = time.perf_counter()
+        state, metrics = loop(state)
+        jax.block_until_ready((state, metrics))
+        rows[name] = (time.perf_counter() - start) * 1e3 / args.steps
+    return [
+        dict(
+            config=spec,
+            loss=values["loss"]["name"],
+            steps=args.steps,
+            log_every=args.log_every,
+            bare_step_ms=round(rows["bare"], 2),
+            trainer_step_ms=round(rows["trainer"], 2),
+            sync_every_step_ms=round(rows["sync_every_step"], 2),
+            trainer_overhead=round(rows["trainer"] / rows["bare"] - 1, 4),
         )
     ]
 
@@ -182,8 +254,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     step.add_argument("--repeats", type=int, default=10)
     step.add_argument("--json", action="store_true")
+    loop = commands.add_parser("loop", help="the train loop's cost around the compiled step")
+    loop.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
+    loop.add_argument("--loss", choices=("clip", "siglip", "hetxl"), default=None)
+    loop.add_argument("--steps", type=int, default=20, help="steps per variant")
+    loop.add_argument("--log_every", type=int, default=10, help="steps between sync points")
+    loop.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    rows = benchmark_losses(args) if args.command == "loss" else benchmark_step(args)
+    run = {"loss": benchmark_losses, "step": benchmark_step, "loop": benchmark_loop}
+    rows = run[args.command](args)
     print(json.dumps(rows) if args.json else format_rows(rows))
 
 

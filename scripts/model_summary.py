@@ -19,6 +19,7 @@ import jax
 
 from contrastive.xla_stats import compile_function, flops
 from models.two_towers import example_inputs, two_towers_from_config
+from scripts import distributed
 from scripts.config_loader import load_config
 
 
@@ -69,9 +70,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
     parser.add_argument("--json", action="store_true")
+    distributed.add_flags(parser)
     args = parser.parse_args(argv)
+    # Run on every host of a TPU slice, the hosts must join before any of them compiles: the
+    # TPU backend of a multi-host slice does not start in one process alone.
+    distributed.initialize(args)
     config = load_config(args.config)
     summary = summarize(config.model.to_dict())
+    if jax.process_index() != 0:
+        return
     if args.json:
         print(json.dumps(summary))
         return

@@ -3,6 +3,7 @@
     python -m scripts.train --config configs/demo.py[:arg] --workdir DIR [--config.a.b=value ...]
 
 Restarts from the latest checkpoint in DIR automatically. SIGTERM saves a checkpoint and exits 0.
+Several processes (a TPU slice, GPU hosts, scripts.local_cluster): see scripts/distributed.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import argparse
 import logging
 import sys
 
+import jax
+
 from contrastive.trainer import train
+from scripts import distributed
 from scripts.config_loader import load_config
 
 
@@ -33,11 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
     parser.add_argument("--workdir", required=True)
+    distributed.add_flags(parser)
     args = parser.parse_args(rest)
+    distributed.initialize(args)  # before anything starts a jax backend
     logging.basicConfig(level=logging.WARNING)
     config = load_config(args.config, overrides)
     result = train(config, args.workdir)
-    print(f"finished at step {result.step}" + (" (preempted)" if result.preempted else ""))
+    if jax.process_index() == 0:
+        print(f"finished at step {result.step}" + (" (preempted)" if result.preempted else ""))
     return 0
 
 

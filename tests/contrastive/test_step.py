@@ -126,3 +126,32 @@ def test_mesh_sizes_are_validated():
         make_mesh({"data": 3, "fsdp": 2})
     with pytest.raises(ValueError, match="unknown mesh axes"):
         make_mesh({"model": 2})
+
+
+class FakeDevice:
+    """What mesh_utils reads of a device, for a layout this machine does not have."""
+
+    def __init__(self, index: int, slice_index: int):
+        self.id, self.slice_index, self.process_index = index, slice_index, index // 2
+        self.platform, self.device_kind = "cpu", "fake"
+
+    def __repr__(self):
+        return f"FakeDevice({self.id}, slice {self.slice_index})"
+
+
+def test_a_multi_slice_mesh_keeps_fsdp_inside_a_slice_and_spans_slices_with_data():
+    devices = [FakeDevice(i, slice_index=i // 4) for i in range(8)]  # 2 slices of 4
+    grid = make_mesh({"data": 4, "fsdp": 2}, devices=devices).devices
+    assert grid.shape == (4, 2)
+    for row in grid:  # each FSDP group within one slice
+        assert len({device.slice_index for device in row}) == 1
+    # The first half of the data axis is slice 0, the second slice 1.
+    assert [row[0].slice_index for row in grid] == [0, 0, 1, 1]
+    assert sorted(device.id for device in grid.flat) == list(range(8))
+    with pytest.raises(ValueError, match="multiple of the 2 slices"):
+        make_mesh({"data": 1, "fsdp": 8}, devices=devices)
+
+
+def test_a_single_slice_mesh_uses_every_device_once():
+    grid = make_mesh({"data": 4, "fsdp": 2}).devices
+    assert sorted(device.id for device in grid.flat) == sorted(d.id for d in jax.devices())

@@ -72,6 +72,8 @@ def test_a_whole_run_its_resume_and_zero_shot_evaluation_on_a_url_workdir(
     saved = json.loads(storage.read_text(storage.join(workdir, "config.json")))
     assert saved["total_steps"] == 5
     assert tf.io.gfile.isdir(storage.join(workdir, "tensorboard"))
+    # Curves are redrawn at each evaluation, on the same filesystem.
+    assert storage.read_bytes(storage.join(workdir, "curves.png")).startswith(b"\x89PNG")
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == [3, 5]
 
     report = evaluate(workdir)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from scripts import benchmark
+from tests.contrastive.test_trainer import contrastive_config, fashion_dir  # noqa: F401
 
 
 def test_loss_benchmark_prints_one_row_per_loss_and_sample_count(capsys):
@@ -29,3 +30,26 @@ def test_loss_benchmark_prints_one_row_per_loss_and_sample_count(capsys):
 def test_loss_benchmark_rejects_a_batch_the_devices_do_not_divide():
     with pytest.raises(SystemExit, match="multiple of the 8 devices"):
         benchmark.main(["loss", "--batch", "12", "--dim", "8", "--repeats", "1"])
+
+
+def test_loop_benchmark_times_the_bare_step_the_trainer_loop_and_a_per_step_sync(
+    fashion_dir,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    config = contrastive_config(fashion_dir, "clip", steps=10)
+    (tmp_path / "tiny.py").write_text(
+        "import ml_collections\n"
+        f"def get_config(arg=None):\n    return ml_collections.ConfigDict({config.to_dict()!r})\n"
+    )
+    benchmark.main(
+        ["loop", "--config", str(tmp_path / "tiny.py"), "--steps", "4", "--log_every", "2"]
+        + ["--json"]
+    )
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["loss"], row["steps"], row["log_every"]) == ("clip", 4, 2)
+    for key in ("bare_step_ms", "trainer_step_ms", "sync_every_step_ms"):
+        assert row[key] > 0
+    assert row["trainer_overhead"] == pytest.approx(
+        row["trainer_step_ms"] / row["bare_step_ms"] - 1, abs=2e-3
+    )
