@@ -10,6 +10,8 @@ from typing import Any
 
 import ml_collections
 
+from contrastive.evaluators.inputs import eval_input, label_eval_pp
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
@@ -67,6 +69,33 @@ def zeroshot_eval(
         input=input_block,
         tokenizer=tokenizer,
         text_length=text_length,
+    )
+
+
+def imagenet_zeroshot(
+    data_dir: str,
+    image_size: int,
+    text_length: int,
+    every_steps: int,
+    tokenizer: str = "minilm",
+    batch_size: int = 1024,
+) -> dict:
+    """Zero-shot on the 50,000 validation images of TFDS imagenet2012 prepared in data_dir
+    (label-only: shorter side resized, centre crop, the caption a label-only source attaches
+    dropped), CLIP's ImageNet class names in its 80 templates."""
+    source = dict(
+        name="tfds",
+        dataset="imagenet2012",
+        data_dir=data_dir,
+        split="validation",
+        label_key="label",
+    )
+    return zeroshot_eval(
+        "imagenet1k",
+        eval_input(source, label_eval_pp(image_size), batch_size),
+        text_length,
+        every_steps,
+        tokenizer,
     )
 
 

@@ -2,7 +2,8 @@
 
     python -m scripts.train --config configs/classify.py:head=hetxl --workdir runs/classify
     args: head=det|het|hetxl, dataset (a TFDS image-label dataset, default: the Fashion-MNIST
-    files), data_dir, classes=10, steps=2000, batch=256, samples=16, factors=8
+    files), data_dir (the TFDS data_dir, or the folder of the Fashion-MNIST IDX files),
+    classes=10, steps=2000, batch=256, samples=16, factors=8
 
 HET-XL learns its temperature (bounded in [0.05, 5], starting mid-range as in the paper); DET and
 HET use a fixed tau = 1 (HET's is tuned on held-out data in the papers: override
@@ -42,7 +43,8 @@ def get_config(arg=None):
     else:
 
         def source(split):
-            return dict(name="fashion_mnist", data_dir=blocks.FASHION_MNIST_DIR, split=split)
+            data_dir = args["data_dir"] or blocks.FASHION_MNIST_DIR
+            return dict(name="fashion_mnist", data_dir=data_dir, split=split)
 
     # Label-only sources still attach a caption built from the class names: not needed here.
     pp = f"decode|resize({size})|value_range(-1, 1)|drop('text')"

@@ -35,24 +35,8 @@ def get_config(arg=None):
     temperature, _ = blocks.contrastive_temperature("hetxl")
     evals = {}
     if args["imagenet_dir"]:
-        evals["imagenet_zeroshot"] = blocks.zeroshot_eval(
-            "imagenet1k",
-            dict(
-                source=dict(
-                    name="tfds",
-                    dataset="imagenet2012",
-                    data_dir=args["imagenet_dir"],
-                    split="validation",
-                    label_key="label",
-                ),
-                pp="decode|resize_small(256)|central_crop(224)|value_range(-1, 1)",
-                batch_size=1024,
-                shuffle_buffer=0,
-                num_epochs=1,
-            ),
-            TEXT_LENGTH,
-            every_steps=5000,
-            tokenizer=tokenizer,
+        evals["imagenet_zeroshot"] = blocks.imagenet_zeroshot(
+            args["imagenet_dir"], IMAGE_SIZE, TEXT_LENGTH, every_steps=5000, tokenizer=tokenizer
         )
     return blocks.config_dict(
         task="contrastive",

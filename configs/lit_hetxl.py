@@ -3,7 +3,8 @@
     python -m scripts.train --config configs/lit_hetxl.py:npz=B_16.npz,files=pairs-*.tfrecord \
         --workdir runs/lit
     args: npz (big_vision ViT-B/16 checkpoint), files (TFRecord glob), batch=16384,
-    steps=50000, lock_text=false
+    steps=50000, lock_text=false, imagenet_dir (TFDS data_dir holding imagenet2012 for the
+    zero-shot eval; empty: no eval)
 
 The image tower is frozen (no gradients through it, no optimizer state); the text tower starts
 from all-MiniLM-L6-v2 and is fine-tuned unless lock_text; both projections, the HET-XL noise
@@ -24,10 +25,16 @@ def get_config(arg=None):
             batch=16384,
             steps=50_000,
             lock_text=False,
+            imagenet_dir="",
         ),
     )
     freeze = ["img/(?!head/).*"] + (["txt/(?!head/).*"] if args["lock_text"] else [])
     temperature, _ = blocks.contrastive_temperature("hetxl")
+    evals = {}
+    if args["imagenet_dir"]:
+        evals["imagenet_zeroshot"] = blocks.imagenet_zeroshot(
+            args["imagenet_dir"], IMAGE_SIZE, TEXT_LENGTH, every_steps=5000
+        )
     return blocks.config_dict(
         task="contrastive",
         seed=0,
@@ -55,7 +62,7 @@ def get_config(arg=None):
         optim=blocks.adamw(lr=1e-3, weight_decay=1e-4, warmup_steps=5000, freeze=freeze),
         total_steps=args["steps"],
         log_every=100,
-        evals={},
+        evals=evals,
         mesh=dict(data=-1, fsdp=1),
         checkpoint=dict(every_steps=2000, keep=3, async_save=True),
     )

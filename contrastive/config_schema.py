@@ -10,7 +10,8 @@
     optim            see contrastive/optim.py
     total_steps | total_epochs | total_examples     exactly one of them
     log_every        steps between metric lines
-    evals            {name: {"kind": "zeroshot" | "classification", "every_steps": int, ...}}
+    evals            {name: {"kind": "zeroshot" | "classification" | "retrieval",
+                     "every_steps": int, "input": {...}, ...}} (contrastive/evaluators/build.py)
     mesh             {"data": int, "fsdp": int}, one of them -1 (all remaining devices)
     checkpoint       {"every_steps": int, "keep": int, "async_save": bool, "directory": str}
                      (directory: default WORKDIR/checkpoints; local, gs:// or s3://)
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from contrastive.evaluators.schema import eval_block_problems
 
 TOP_LEVEL = {
     "task": str,
@@ -57,10 +60,6 @@ CLASSIFIER_KEYS = (
     "image_size",
 )
 CHECKPOINT_KEYS = {"every_steps": int, "keep": int, "async_save": bool, "directory": str}
-EVAL_KEYS = {
-    "zeroshot": ("kind", "every_steps", "dataset", "input", "tokenizer", "text_length"),
-    "classification": ("kind", "every_steps", "input"),
-}
 MODEL_INIT_KEYS = ("image", "text")
 
 
@@ -114,15 +113,7 @@ def validate_structure(config: Mapping[str, Any]) -> list[str]:
     if unknown:
         problems.append(f"unknown model_init key(s) {unknown}; known: {list(MODEL_INIT_KEYS)}")
     for name, block in (config.get("evals") or {}).items():
-        kind = block.get("kind") if isinstance(block, Mapping) else None
-        if kind not in EVAL_KEYS:
-            problems.append(f"evals.{name}.kind={kind!r} is unknown; known: {sorted(EVAL_KEYS)}")
-            continue
-        unknown = sorted(set(block) - set(EVAL_KEYS[kind]))
-        if unknown:
-            problems.append(f"unknown key(s) {unknown} in evals.{name}; known: {EVAL_KEYS[kind]}")
-        if not isinstance(block.get("every_steps"), int) or block["every_steps"] <= 0:
-            problems.append(f"evals.{name}.every_steps must be a positive int")
+        problems += eval_block_problems(name, block)
     return problems
 
 

@@ -15,15 +15,13 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow as tf
 from jax.experimental import multihost_utils
 
 from contrastive import config_schema, storage
 from contrastive.accumulation import accumulated_contrastive_value_and_grad, check_microbatching
 from contrastive.checkpoint import Checkpointer, PreemptionGuard
 from contrastive.config_schema import ConfigError, as_dict
-from contrastive.evaluators.classification import ClassificationEvaluator
-from contrastive.evaluators.zeroshot import ZeroShotEvaluator
+from contrastive.evaluators.build import build_evaluators
 from contrastive.freezing import frozen_mask
 from contrastive.losses import make_loss
 from contrastive.mesh import BATCH_AXES, make_mesh
@@ -44,10 +42,8 @@ from contrastive.step import (
     make_train_step,
 )
 from data.config import validate_input_config
-from data.pipeline import make_global_iterator, make_local_iterator
+from data.pipeline import make_global_iterator
 from data.sources import make_source
-from data.tokenizers import make_tokenizer
-from data.zeroshot_texts import classnames_and_templates, zero_shot_prompts
 from models.classifier import ImageClassifier
 from models.heteroscedastic import NoiseConfig, TemperatureConfig
 from models.two_towers import example_inputs, load_pretrained_towers, two_towers_from_config
@@ -175,34 +171,6 @@ def build_task(values: Mapping[str, Any], mesh) -> Task:
 
     loss = make_loss(**_loss_options(values))
     return Task(model, contrastive_objective(model, loss, mesh), init_two_towers, load, loss)
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluators
-
-
-def build_evaluators(values: Mapping[str, Any], task: Task, mesh) -> dict[str, tuple[int, Any]]:
-    """{name: (every_steps, evaluator with .run(params) -> metrics)}."""
-    evaluators = {}
-    for name, block in (values.get("evals") or {}).items():
-        eval_input = validate_input_config(block["input"])
-        local_batch = eval_input.batch_size // jax.process_count()
-
-        def batches(eval_input=eval_input):
-            return make_local_iterator(eval_input)
-
-        if block["kind"] == "zeroshot":
-            classnames, templates = classnames_and_templates(block["dataset"])
-            prompts = zero_shot_prompts(classnames, templates)
-            tokenizer = make_tokenizer(block["tokenizer"])
-            tokens = tokenizer.tokenize(tf.constant(prompts), block["text_length"]).numpy()
-            evaluator = ZeroShotEvaluator(
-                task.model, tokens, len(classnames), batches, local_batch, mesh
-            )
-        else:
-            evaluator = ClassificationEvaluator(task.model, batches, local_batch, mesh)
-        evaluators[name] = (block["every_steps"], evaluator)
-    return evaluators
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +320,7 @@ def train(config, workdir: str) -> TrainResult:
             task.model, task.loss, mesh, accum_steps, frozen=frozen
         )
     step_fn = make_train_step(task.objective, optimizer, mesh, shardings, frozen, value_and_grad)
-    evaluators = build_evaluators(values, task, mesh)
+    evaluators = build_evaluators(values, task.model, mesh)
 
     # --- Loop. Steps are dispatched without waiting on device values; the host reads the
     # device (metrics, non-finite counter, agreement on preemption) only at sync points: log,
@@ -375,9 +343,7 @@ def train(config, workdir: str) -> TrainResult:
         )
 
     if first_step < num_steps:
-        log_primary(
-            f"compiling the train step and reading the first batches (step {first_step + 1})"
-        )
+        log_primary(f"step {first_step + 1}: compiling the train step, reading the first batches")
     with PreemptionWatch() as preemption:
         for step in range(first_step + 1, num_steps + 1):
             state, metrics = step_fn(state, next(train_iter))

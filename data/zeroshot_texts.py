@@ -74,4 +74,68 @@ def classnames_and_templates(dataset: str) -> tuple[list[str], list[str]]:
 
 def zero_shot_prompts(classnames: list[str], templates: list[str]) -> list[str]:
     """Every template filled with every class name, class-major: [C * T] strings."""
+    check_templates(templates)
     return [template.replace("{c}", name) for name in classnames for template in templates]
+
+
+def check_templates(templates: list[str]) -> None:
+    """Raises ValueError unless there is at least one template and each has a "{c}"."""
+    if not templates:
+        raise ValueError("zero-shot needs at least one prompt template")
+    missing = [template for template in templates if "{c}" not in template]
+    if missing:
+        raise ValueError(f"prompt templates need '{{c}}' where the class name goes: {missing[:3]}")
+
+
+# TFDS datasets whose ClassLabel classes clip_benchmark names for prompts (same classes in the
+# same order: clip_benchmark reads these very TFDS datasets for its VTAB tasks), and TFDS datasets
+# for which it only has templates.
+TFDS_CLIP_BENCHMARK_KEYS = {
+    "imagenet2012": "imagenet1k",
+    "imagenet_v2": "imagenet1k",
+    "imagenet2012_real": "imagenet1k",
+    "imagenet_sketch": "imagenet1k",
+    "caltech101": "caltech101_vtab",
+    "oxford_flowers102": "flowers",
+    "oxford_iiit_pet": "pets",
+    "mnist": "mnist",
+    "svhn_cropped": "svhn",
+    "eurosat": "eurosat",
+    "patch_camelyon": "pcam",
+    "diabetic_retinopathy_detection": "diabetic_retinopathy",
+    "dmlab": "dmlab",
+    "cifar10": "cifar10",
+    "cifar100": "cifar100",
+    "dtd": "dtd",
+    "food101": "food101",
+    "stl10": "stl10",
+    "sun397": "sun397",
+    "resisc45": "resisc45",
+    "cars196": "cars",
+}
+
+
+def readable_label(name: str) -> str:
+    """A label string as a prompt can use it: "aquarium_fish" -> "aquarium fish"."""
+    return " ".join(name.replace("_", " ").split())
+
+
+def tfds_classnames_and_templates(
+    dataset: str, label_names: list[str]
+) -> tuple[list[str], list[str]]:
+    """(class names, templates) for a TFDS dataset ("name[/config][:version]") whose ClassLabel
+    has label_names.
+
+    clip_benchmark's prompt-ready names are used when it has them for this dataset and their
+    count matches; otherwise the ClassLabel names, with underscores as spaces. Templates are
+    clip_benchmark's for the dataset, or CLIP's 80 ImageNet templates.
+    """
+    base = dataset.split(":")[0].split("/")[0]
+    key = TFDS_CLIP_BENCHMARK_KEYS.get(base)
+    known_names = _load_json("en_classnames.json").get(key)
+    if known_names is not None and len(known_names) == len(label_names):
+        classnames = list(known_names)
+    else:
+        classnames = [readable_label(name) for name in label_names]
+    templates = _load_json("en_zeroshot_classification_templates.json").get(key)
+    return classnames, list(templates) if templates else clip_templates()

@@ -15,19 +15,22 @@ import argparse
 import json
 import math
 
-import jax
-
-from contrastive.xla_stats import compile_function, flops
-from models.two_towers import example_inputs, two_towers_from_config
-from scripts import distributed
+from scripts import distributed, terminal
 from scripts.config_loader import load_config
 
 
 def count(tree) -> int:
+    import jax
+
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
 def summarize(model_config) -> dict:
+    import jax
+
+    from contrastive.xla_stats import compile_function, flops
+    from models.two_towers import example_inputs, two_towers_from_config
+
     model_config = dict(model_config)
     model = two_towers_from_config(model_config)
     images, tokens = example_inputs(model_config)
@@ -71,12 +74,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
     parser.add_argument("--json", action="store_true")
     distributed.add_flags(parser)
+    terminal.add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    terminal.quiet_libraries(args.verbose)
     # Run on every host of a TPU slice, the hosts must join before any of them compiles: the
     # TPU backend of a multi-host slice does not start in one process alone.
     distributed.initialize(args)
     config = load_config(args.config)
     summary = summarize(config.model.to_dict())
+    import jax
+
     if jax.process_index() != 0:
         return
     if args.json:

@@ -9,13 +9,9 @@ Several processes (a TPU slice, GPU hosts, scripts.local_cluster): see scripts/d
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-import jax
-
-from contrastive.trainer import train
-from scripts import distributed
+from scripts import distributed, terminal
 from scripts.config_loader import load_config
 
 
@@ -38,9 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
     parser.add_argument("--workdir", required=True)
     distributed.add_flags(parser)
+    terminal.add_verbose_flag(parser)
     args = parser.parse_args(rest)
+    terminal.quiet_libraries(args.verbose)
     distributed.initialize(args)  # before anything starts a jax backend
-    logging.basicConfig(level=logging.WARNING)
+    # Imported after parsing: --help stays fast and the logging settings above apply.
+    import jax
+
+    from contrastive.trainer import train
+
     config = load_config(args.config, overrides)
     result = train(config, args.workdir)
     if jax.process_index() == 0:

@@ -9,6 +9,7 @@ ended feeds fully masked batches until all processes are done.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -23,11 +24,7 @@ def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     rows = len(next(iter(batch.values())))
     if rows > size:
         raise ValueError(f"a local batch of {rows} rows exceeds the evaluation batch size {size}")
-    padded = {
-        key: np.concatenate([value, np.zeros((size - rows, *value.shape[1:]), value.dtype)])
-        for key, value in batch.items()
-        if key != "mask"
-    }
+    padded = {key: _pad_rows(value, size) for key, value in batch.items() if key != "mask"}
     mask = np.asarray(batch.get("mask", np.ones(rows, bool)), bool)
     padded["mask"] = np.concatenate([mask, np.zeros(size - rows, bool)])
     return padded
@@ -60,24 +57,34 @@ def global_batches(
         }
 
 
-def map_in_batches(
-    fn: Callable[[np.ndarray], jax.Array], inputs: np.ndarray, mesh: Mesh, batch_size: int
-) -> np.ndarray:
-    """fn over the rows of a host array that every process holds whole, batch by batch.
+def map_in_batches(fn: Callable[[Any], Any], inputs: Any, mesh: Mesh, batch_size: int) -> Any:
+    """fn over the rows of host arrays that every process holds whole, batch by batch.
 
-    Rows are padded to batch_size (a multiple of the device count); returns fn's rows for the
-    real inputs, gathered to the host.
+    inputs is an array or a pytree of arrays with the same number of rows N; each batch of
+    batch_size rows (a multiple of the device count; the last one zero-padded) is split over all
+    devices of all processes, so the work is shared instead of repeated on every host. Returns
+    fn's outputs (an array or pytree with leading dimension batch_size) for the N real rows,
+    gathered to every host.
     """
     if batch_size % mesh.size:
         raise ValueError(f"batch size {batch_size} is not a multiple of {mesh.size} devices")
     sharding = batch_sharding(mesh)
+    leaves, treedef = jax.tree.flatten(inputs)
+    num_rows = len(leaves[0]) if leaves else 0
+    if num_rows == 0:
+        raise ValueError("map_in_batches needs at least one row")
+    if any(len(leaf) != num_rows for leaf in leaves):
+        raise ValueError(f"inputs have different numbers of rows: {[len(x) for x in leaves]}")
     outputs = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start : start + batch_size]
-        rows = len(chunk)
-        chunk = np.concatenate(
-            [chunk, np.zeros((batch_size - rows, *chunk.shape[1:]), chunk.dtype)]
-        )
-        result = fn(jax.device_put(chunk, sharding))
-        outputs.append(np.asarray(multihost_utils.process_allgather(result, tiled=True))[:rows])
-    return np.concatenate(outputs)
+    for start in range(0, num_rows, batch_size):
+        rows = min(batch_size, num_rows - start)
+        chunk = [_pad_rows(leaf[start : start + batch_size], batch_size) for leaf in leaves]
+        result = fn(jax.device_put(jax.tree.unflatten(treedef, chunk), sharding))
+        gathered = multihost_utils.process_allgather(result, tiled=True)
+        outputs.append(jax.tree.map(lambda x, rows=rows: np.asarray(x)[:rows], gathered))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+
+def _pad_rows(array: np.ndarray, size: int) -> np.ndarray:
+    array = np.asarray(array)
+    return np.concatenate([array, np.zeros((size - len(array), *array.shape[1:]), array.dtype)])

@@ -77,7 +77,7 @@ def test_a_whole_run_its_resume_and_zero_shot_evaluation_on_a_url_workdir(
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == [3, 5]
 
     report = evaluate(workdir)
-    assert report["step"] == 5 and report["zeroshot_examples"] == 20
+    assert report["step"] == 5 and report["num_examples"] == 20
     assert load_trained(workdir).step == 5
     # Nothing landed in a local folder named after the scheme.
     assert not os.path.exists(tmp_path / "ram:")

@@ -1,16 +1,26 @@
-"""Every experiment config in configs/ loads and passes the trainer's validation."""
+"""Every experiment config in configs/ loads, passes the trainer's validation, and builds and runs
+its evaluators on small data the test writes with the real datasets' features."""
 
+import jax
+import numpy as np
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
-from contrastive.trainer import validate_config
+from contrastive.evaluators.build import build_evaluators
+from contrastive.mesh import make_mesh, replicated
+from contrastive.trainer import build_task, validate_config
 from scripts.config_loader import load_config
 from tests import REPO
+from tests.data.helpers import make_fashion_dir
 
 CONFIGS = sorted(
     path
     for path in (REPO / "configs").glob("*.py")
     if path.name not in ("__init__.py", "blocks.py", "data_fashion_mnist.py")
 )
+IMAGENET_VALIDATION = 6
+FASHION_TEST = 12
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
@@ -29,3 +39,119 @@ def test_demo_arguments(arg):
 def test_unknown_config_argument_is_named():
     with pytest.raises(ValueError, match="lossy"):
         load_config("configs/demo.py:lossy=clip")
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluators built for real
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+    """Fake Fashion-MNIST IDX files, TFDS imagenet2012 (the real builder's features: JPEG image,
+    1000-class label, file name; a validation split only) and a small TFDS image-label dataset."""
+    root = tmp_path_factory.mktemp("config_data")
+    make_fashion_dir(root / "fashion", n_train=16, n_test=FASHION_TEST)
+    rng = np.random.default_rng(0)
+
+    def store(name, features, splits):
+        tfds.dataset_builders.store_as_tfds_dataset(
+            name=name,
+            version=tfds.builder_cls(name).VERSION if name == "imagenet2012" else "1.0.0",
+            features=tfds.features.FeaturesDict(features),
+            data_dir=root / "tfds",
+            split_datasets=splits,
+        ).download_and_prepare()
+
+    photos = rng.integers(0, 256, (IMAGENET_VALIDATION, 40, 56, 3), dtype=np.uint8)
+    store(
+        "imagenet2012",
+        {
+            "image": tfds.features.Image(encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(num_classes=1000),
+            "file_name": tfds.features.Text(),
+        },
+        {
+            "validation": tf.data.Dataset.from_tensor_slices(
+                {
+                    "image": photos,
+                    "label": [0, 1, 2, 997, 998, 999],
+                    "file_name": [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(len(photos))],
+                }
+            )
+        },
+    )
+    store(
+        "tiny_labels",
+        {
+            "image": tfds.features.Image(shape=(32, 32, 3)),
+            "label": tfds.features.ClassLabel(names=["cat", "dog", "fire_truck"]),
+        },
+        {
+            split: tf.data.Dataset.from_tensor_slices(
+                {
+                    "image": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                    "label": np.arange(n) % 3,
+                }
+            )
+            for split, n in (("train", 8), ("test", 5))
+        },
+    )
+    return {"fashion": str(root / "fashion"), "tfds": str(root / "tfds")}
+
+
+# config spec (with the data folders filled in) -> examples each of its evaluators reads
+EVAL_CASES = {
+    "demo": ("configs/demo.py:data_dir={fashion}", FASHION_TEST),
+    "siglip": ("configs/siglip.py:data_dir={fashion}", FASHION_TEST),
+    "classify": ("configs/classify.py:data_dir={fashion},head=het", FASHION_TEST),
+    "classify_tfds": ("configs/classify.py:dataset=tiny_labels,data_dir={tfds},classes=3", 5),
+    "clip_hetxl": ("configs/clip_hetxl.py:imagenet_dir={tfds}", IMAGENET_VALIDATION),
+    "lit_hetxl": ("configs/lit_hetxl.py:imagenet_dir={tfds}", IMAGENET_VALIDATION),
+}
+
+
+def test_every_config_with_evaluators_is_covered():
+    covered = {spec.split(":")[0] for spec, _ in EVAL_CASES.values()}
+    for path in CONFIGS:
+        if f"configs/{path.name}" not in covered:
+            assert not validate_config(load_config(str(path))).get("evals"), path.name
+
+
+def tiny_model(values):
+    """The config's model with towers small enough for a CPU test (same input shapes, same
+    heads, noise and temperature): evaluators do not depend on the tower architecture."""
+    model = dict(values["model"])
+    size = model["image_size"]
+    tower = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
+    model["image_tower"] = dict(name="vit", patch_size=(size // 4,) * 2, pool_type="gap", **tower)
+    if values["task"] == "contrastive":
+        model["text_tower"] = dict(
+            name="text_transformer",
+            vocab_size=30522,
+            max_len=model["text_length"],
+            pool_type="last",
+            **tower,
+        )
+        model["embed_dim"] = 16
+    return {**values, "model": model, "model_init": {}}
+
+
+@pytest.mark.parametrize("case", sorted(EVAL_CASES))
+def test_config_evaluators_build_and_run(case, data_dirs):
+    spec, examples = EVAL_CASES[case]
+    values = tiny_model(validate_config(load_config(spec.format(**data_dirs))))
+    assert values["evals"], case
+    for block in values["evals"].values():
+        block["input"]["batch_size"] = 8  # one or two batches of the small split
+    mesh = make_mesh(values.get("mesh"))
+    task = build_task(values, mesh)
+    # Parameters live on the mesh, as in training and after load_trained.
+    params = jax.jit(task.init_params, out_shardings=replicated(mesh))(jax.random.key(0))
+    evaluators = build_evaluators(values, task.model, mesh)
+    assert set(evaluators) == set(values["evals"])
+    for name, (every, evaluator) in evaluators.items():
+        assert every == values["evals"][name]["every_steps"]
+        metrics = evaluator.run(params)
+        counts = [v for k, v in metrics.items() if k.endswith("examples")]
+        assert counts == [examples], (name, metrics)
+        assert all(np.isfinite(v) for v in metrics.values()), metrics

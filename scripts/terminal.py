@@ -1,0 +1,57 @@
+"""What an entry point prints before its own first line: nothing, unless asked with -v.
+
+TensorFlow and XLA log start-up chatter through their C++ logging (oneDNN notes, "could not find
+cuda drivers", cuInit errors on a machine without a GPU) and absl; none of it concerns a user, and
+two of those lines claim to be errors. Their C++ logging reads TF_CPP_MIN_LOG_LEVEL once, when
+the library loads, so `quiet_libraries` must run before tensorflow or jax is imported: entry
+points parse their flags first and import the heavy modules afterwards (which also keeps --help
+fast). TensorFlow 2.21 writes its import-time lines through absl's C++ log before any setting is
+read, so `quiet_libraries` imports it with the process's stderr pointed at /dev/null; Python
+errors are still raised and printed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show TensorFlow / JAX start-up logs and info-level logging",
+    )
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Silences library start-up logs (keeps warnings of our own); -v keeps everything."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO)
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    with _stderr_to_devnull():
+        import tensorflow  # noqa: F401
+        import tensorflow_text  # noqa: F401
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    """Points file descriptor 2 (where C++ libraries log) at /dev/null for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
