@@ -9,7 +9,7 @@ STAMP := $(VENV)/.requirements-installed
 WORKDIR ?= workdirs/demo
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint venv fashion-mnist
+.PHONY: demo test test-quick lint venv fashion-mnist
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt | $(PY)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Everything but the tests marked slow (multi-process training jobs), for iterating.
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -4,7 +4,7 @@
         source=dict(name="fashion_mnist", split="train"),  # name + that source's options
         pp="decode|resize(32)|value_range(-1, 1)|tokenize(max_len=16)",
         batch_size=256,        # global, over all processes
-        shuffle_buffer=10_000, # records; 0 or 1 = no shuffling
+        shuffle_buffer=10_000, # records per shuffle window (data/order.py); 0 or 1 = no shuffling
         seed=0,                # order, augmentations and captions are functions of it
         prefetch=2,            # batches prepared ahead
         num_epochs=None,       # None = repeat forever (training)
@@ -13,10 +13,12 @@
 
 Source options (checked against the source classes in data/sources.py):
     tfds:          dataset, data_dir=None, split="train", image_key="image", text_key=None,
-                   label_key=None, classnames=None
+                   label_key=None, classnames=None, cycle_length=16
     tfrecord:      files (glob or list), image_key="image", text_key="caption", label_key=None,
                    cycle_length=16
     fashion_mnist: data_dir="/usr/share/datasets/fashion-mnist", split="train", cupl=False
+    image_folder:  root (one sub-folder per class), classnames=None
+Paths may be remote (gs://...): every source reads through tf.io.gfile.
 
 `validate_input_config` checks everything that can be checked without reading data (keys, types,
 ranges, source options, the whole op string) and reports every problem at once.

@@ -6,6 +6,10 @@ The Debian package dataset-fashion-mnist installs the four gzip IDX files in
   t10k-images-idx3-ubyte.gz   uint8 [10000, 28, 28]     t10k-labels-idx1-ubyte.gz   uint8 [10000]
 Uncompressed files (same names without .gz) are read too.
 
+The files are read through tf.io.gfile (data_dir may be remote, e.g. gs://) into memory. Each
+example is a shard of its own: every epoch is a full permutation of the split, and processes share
+it by example, so the global batches are the same for any process count (data/order.py).
+
 Images come out as uint8 [28, 28, 1] (grey); the op string turns them into RGB at the configured
 size ("decode|resize(32)|..." or "grey_to_rgb|resize(32)|..."). Captions come from templates x
 synonyms x attributes (optionally plus CuPL sentences of related ImageNet classes), never equal to
@@ -17,14 +21,14 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-from pathlib import Path
+import posixpath
 
 import numpy as np
 import tensorflow as tf
 
 from data.captions import CaptionBank, Noun, build_class_captions, forbidden_captions
 from data.package_files import clip_benchmark_file
-from data.source_base import Source, check_process
+from data.source_base import ShardTable, Source
 from data.zeroshot_texts import FASHION_MNIST_CLASSNAMES, clip_templates, imagenet_classnames
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -60,14 +64,14 @@ _IDX_DTYPES = {
 }
 
 
-def read_idx(path: str | Path) -> np.ndarray:
+def read_idx(path: str) -> np.ndarray:
     """Reads an IDX file (optionally gzip-compressed) into an array of its declared shape.
 
     Raises ValueError naming the file when the magic number is wrong or the payload is shorter or
     longer than the header declares (a truncated download must not turn into silent garbage).
     """
-    path = Path(path)
-    with open(path, "rb") as f:
+    path = str(path)
+    with tf.io.gfile.GFile(path, "rb") as f:
         raw = f.read()
     if raw[:2] == b"\x1f\x8b":
         try:
@@ -90,11 +94,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def find_idx_file(data_dir: str | Path, stem: str) -> Path:
+def find_idx_file(data_dir: str, stem: str) -> str:
     """`stem` or `stem.gz` inside data_dir; FileNotFoundError lists what was looked for."""
     for name in (f"{stem}.gz", stem):
-        path = Path(data_dir) / name
-        if path.is_file():
+        path = posixpath.join(str(data_dir), name)
+        if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
             return path
     raise FileNotFoundError(
         f"no {stem}[.gz] in {data_dir} (install dataset-fashion-mnist or point data_dir at the "
@@ -102,7 +106,7 @@ def find_idx_file(data_dir: str | Path, stem: str) -> Path:
     )
 
 
-def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def load_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 [N, 28, 28, 1] images, int32 [N] labels) of "train" or "test"."""
     if split not in SPLIT_FILES:
         raise ValueError(f"Fashion-MNIST split {split!r}; known: {sorted(SPLIT_FILES)}")
@@ -226,14 +230,19 @@ class FashionMnistSource(Source):
         # Loaded now so a missing or truncated file fails at construction, before training.
         self.images, self.labels = load_split(data_dir, split)
         self.captions = CaptionBank(fashion_mnist_captions(cupl))
+        # One example per shard, all in one group: an epoch is a full permutation of the split.
+        self.example_sharded = True
+        self.group_size = len(self.labels)
 
-    def records(self, process_index: int, process_count: int, seed: int) -> tf.data.Dataset:
-        """This process's examples (every process_count-th), in file order; the pipeline
-        shuffles."""
-        check_process(process_index, process_count)
-        images = self.images[process_index::process_count]
-        labels = self.labels[process_index::process_count]
-        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+    def shards(self) -> ShardTable:
+        return {"index": np.arange(len(self.labels), dtype=np.int64)}
+
+    def read(self, shards: dict[str, tf.Tensor]) -> tf.data.Dataset:
+        """The examples at the given indices, in that order."""
+        index = shards["index"]
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": tf.gather(self.images, index), "label": tf.gather(self.labels, index)}
+        )
 
     def num_examples(self) -> int:
         return len(self.labels)

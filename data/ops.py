@@ -6,10 +6,11 @@ factory's signature and type hints are the op's documentation and are checked wh
 parsed, before any data flows.
 
 Randomness: random ops take their stateless seed from the example's "_rng" entry, int64 [2] =
-(stream, counter): the pipeline sets stream from (config seed, process) and counter to the
-example's position p in the stream; each draw advances the counter by 2**40, so the k-th draw of
-the example at p uses (stream, p + k * 2**40). Distinct (p, k) give distinct seeds (for fewer than
-2**40 examples per process), TF's stateless ops scramble seeds into independent Philox streams,
+(stream, counter): the pipeline sets stream from the config seed (and the process, when each
+process reads its own files) and counter to the example's position p in the stream
+(data/order.py); each draw advances the counter by 2**40, so the k-th draw of the example at p
+uses (stream, p + k * 2**40). Distinct (p, k) give distinct seeds (for fewer than 2**40 positions
+per stream), TF's stateless ops scramble seeds into independent Philox streams,
 and no random op is spent deriving seeds. Augmentations thus depend only on (seed, position): they
 repeat exactly across runs and after a resume. Keys starting with "_" are internal; keep/drop
 leave them alone.
@@ -289,6 +290,19 @@ def value_range(
         if clip:
             scaled = tf.clip_by_value(scaled, min(vmin, vmax), max(vmin, vmax))
         return {**data, key: scaled}
+
+    return fn
+
+
+@PP_OPS.register("to_uint8")
+def to_uint8(key: str = "image") -> ExampleFn:
+    """Numeric [...] with values in 0..255 -> uint8 [...], rounded to nearest, saturated at 0 and
+    255. A quarter of float32's bytes to move to the devices, which scale the values there
+    (data/transfer.py)."""
+
+    def fn(data: Example) -> Example:
+        image = tf.cast(_get(data, key, "to_uint8"), tf.float32)
+        return {**data, key: tf.saturate_cast(tf.round(image), tf.uint8)}
 
     return fn
 

@@ -82,6 +82,7 @@ class PreprocessFn:
     Attributes:
       pp: the op string it was parsed from.
       ops: (name, args, kwargs) of each op, in order.
+      fns: the built op of each entry of `ops` (example -> example).
     """
 
     def __init__(
@@ -92,12 +93,12 @@ class PreprocessFn:
     ) -> None:
         self.pp = pp
         self.ops = ops
-        self._fns = fns
+        self.fns = fns
 
     def __call__(self, data: Example) -> Example:
         """Applies every op; input and output are unbatched dicts of tf tensors."""
         data = dict(data)
-        for fn in self._fns:
+        for fn in self.fns:
             data = fn(data)
         return data
 

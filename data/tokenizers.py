@@ -9,6 +9,7 @@ Tokenizer specs (the `model=` argument of the `tokenize` preprocessing op):
   "wordpiece:/path/vocab"  WordPiece with any uncased BERT vocabulary ([PAD] must be id 0).
   "sentencepiece:/path/m"  a SentencePiece model file whose pad id is 0 (scripts.train_tokenizer
                            trains such models).
+Model and vocabulary paths are read through tf.io.gfile, so they may be remote (gs://...).
 """
 
 from __future__ import annotations
@@ -55,8 +56,12 @@ class WordpieceTokenizer:
 
     def __init__(self, vocab_path: str | os.PathLike[str]) -> None:
         self.vocab_path = str(vocab_path)
-        with open(self.vocab_path, encoding="utf-8") as f:
-            vocab = [line.rstrip("\n") for line in f]
+        with tf.io.gfile.GFile(self.vocab_path, "rb") as f:
+            text = f.read().decode("utf-8")
+        # Universal newlines, as text-mode open() reads them; the final newline adds no token.
+        vocab = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        if vocab and vocab[-1] == "":
+            vocab.pop()
         token_ids = {token: i for i, token in enumerate(vocab)}
         missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in token_ids]
         if missing:
@@ -103,7 +108,8 @@ class SentencepieceTokenizer:
 
     def __init__(self, model_path: str | os.PathLike[str], add_eos: bool = False) -> None:
         self.model_path = str(model_path)
-        model = Path(self.model_path).read_bytes()
+        with tf.io.gfile.GFile(self.model_path, "rb") as f:
+            model = f.read()
         processor = spm.SentencePieceProcessor(model_proto=model)
         if processor.pad_id() != PAD_ID:
             raise ValueError(
@@ -145,7 +151,7 @@ def make_tokenizer(spec: str, add_eos: bool = False) -> Tokenizer:
     if kind == "minilm" and not path:
         return WordpieceTokenizer(minilm_vocab_path())
     if kind in ("wordpiece", "sentencepiece") and path:
-        if not Path(path).is_file():
+        if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
             raise FileNotFoundError(f"tokenizer {spec!r}: no file {path}")
         if kind == "wordpiece":
             return WordpieceTokenizer(path)
@@ -164,6 +170,8 @@ def train_sentencepiece(
 
     Ids: 0 = <pad>, 1 = <unk>, 2 = <s>, 3 = </s>, so the result satisfies the pad-id-0 contract.
     Returns the path of the written `{model_prefix}.model` (a `.vocab` file is written beside it).
+    Both paths are local: the SentencePiece trainer opens them itself (copy the model to remote
+    storage afterwards; tokenizers read it from there).
     """
     spm.SentencePieceTrainer.train(
         input=str(input_path),

@@ -22,6 +22,7 @@ without importing that package or PyTorch; `read_safetensors` parses the file fo
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import re
@@ -32,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from models import bert, vit
 
@@ -137,13 +139,15 @@ def save_vit_npz(path: str | Path, params: Mapping[str, Any]) -> None:
         name: np.asarray(leaf, np.float32 if leaf.dtype == jnp.bfloat16 else leaf.dtype)
         for name, leaf in flatten_params(params).items()
     }
-    with open(path, "wb") as f:
-        np.savez(f, **flat)
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Reads every array of an npz into a flat {"a/b/c": array} dict."""
-    with np.load(path, allow_pickle=False) as data:
+    """Reads every array of an npz into a flat {"a/b/c": array} dict; path may be gs://..."""
+    # Through etils.epath, not open(): big_vision checkpoints usually sit in a bucket.
+    with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as data:
         return {name: data[name] for name in data.files}
 
 

@@ -1,4 +1,5 @@
-"""Small data written by the tests themselves: IDX files, images, TFRecord shards, configs.
+"""Small data written by the tests themselves (IDX files, images, TFRecord shards, configs) and
+the checks several test files share (same batches, exact resume).
 
 Images are encoded with Pillow and IDX files with struct, independently of the code under test.
 """
@@ -12,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 from PIL import Image
+
+from data.pipeline import make_local_iterator
+from data.tfrecords import encode_example
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:
@@ -88,3 +93,90 @@ def fashion_config(data_dir: Path, **overrides: Any) -> dict[str, Any]:
     }
     block.update(overrides)
     return block
+
+
+def write_records(path: Path | str, records: list[bytes]) -> str:
+    """Writes serialized records into one TFRecord file (any tf.io.gfile path); returns its name."""
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in records:
+            writer.write(record)
+    return str(path)
+
+
+def take(iterator: Any, n: int) -> list[Any]:
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    """Same number of batches, same keys, bit-identical values."""
+    assert len(a) == len(b)
+    for index, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert x.keys() == y.keys(), index
+        for key in x:
+            np.testing.assert_array_equal(np.asarray(x[key]), np.asarray(y[key]), f"{index} {key}")
+
+
+def good_record(i: int) -> bytes:
+    """A tf.train.Example of labelled_image(i) with the caption 'caption i'."""
+    return encode_example(encode_image(labelled_image(i)), f"caption {i}")
+
+
+BAD_RECORDS = [
+    encode_example(b"\x00garbage bytes", "corrupt image"),
+    encode_example(encode_image(labelled_image(1)), ""),
+    b"this is not a tf.train.Example",
+]
+
+
+def write_files(folder: Path, num_files: int, per_file: int, bad_every: int = 0) -> str:
+    """num_files files pairs-K.tfrecord; file k holds good records k, k + num_files, ...; with
+    bad_every, a bad one (cycling through BAD_RECORDS) follows each multiple of bad_every."""
+    bad = 0
+    for k in range(num_files):
+        records = []
+        for i in range(k, num_files * per_file, num_files):
+            records.append(good_record(i))
+            if bad_every and i % bad_every == 0:
+                records.append(BAD_RECORDS[bad % len(BAD_RECORDS)])
+                bad += 1
+        write_records(folder / f"pairs-{k}.tfrecord", records)
+    return str(folder / "pairs-*.tfrecord")
+
+
+def run(config: dict[str, Any], process: int, processes: int, num_batches: int):
+    """(batches, state after each batch, skipped counts after each batch); states[0] is the
+    state before the first batch."""
+    iterator = make_local_iterator(config, process, processes)
+    batches, states, skipped = [], [iterator.get_state()], [iterator.skipped()]
+    for _ in range(num_batches):
+        batches.append(next(iterator))
+        states.append(iterator.get_state())
+        skipped.append(iterator.skipped())
+    return batches, states, skipped
+
+
+def check_resumes(
+    config: dict[str, Any], process: int, processes: int, num_batches: int, resume_after: list[int]
+) -> list[np.ndarray]:
+    """Restoring the state after batch k gives batches k+1... and skipped counts as the
+    uninterrupted run."""
+    batches, states, skipped = run(config, process, processes, num_batches)
+    resumed = make_local_iterator(config, process, processes)
+    for k in resume_after:
+        # A restore overrides wherever the iterator was, including an earlier restore.
+        resumed.set_state(states[k])
+        assert resumed.skipped() == skipped[k]
+        for j in range(k, num_batches):
+            assert_same_batches([next(resumed)], [batches[j]])
+            assert resumed.skipped() == skipped[j + 1], (k, j)
+    return states
+
+
+def concatenated(iterators: list[Any], num_batches: int) -> list[dict[str, np.ndarray]]:
+    """The next num_batches batches of each process's iterator, rows concatenated in process
+    order: the global batches."""
+    out = []
+    for _ in range(num_batches):
+        parts = [next(it) for it in iterators]
+        out.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    return out

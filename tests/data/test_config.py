@@ -64,7 +64,9 @@ def test_wrong_types_and_ranges_are_named_all_at_once():
 
 def test_source_problems():
     assert "unknown source name 'webdataset'" in problems(block(source={"name": "webdataset"}))
-    assert "['fashion_mnist', 'tfds', 'tfrecord']" in problems(block(source={"name": "webdataset"}))
+    assert "['fashion_mnist', 'image_folder', 'tfds', 'tfrecord']" in problems(
+        block(source={"name": "webdataset"})
+    )
     assert "needs a 'name'" in problems(block(source={"files": "x"}))
     text = problems(block(source={"name": "tfrecord", "files": "x", "shards": 4}))
     assert "unexpected keyword argument 'shards'" in text and "cycle_length" in text

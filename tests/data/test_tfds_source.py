@@ -10,7 +10,13 @@ import tensorflow_datasets as tfds
 from data.pipeline import make_local_iterator
 from data.sources import TfdsSource, make_source
 from data.tokenizers import make_tokenizer
-from tests.data.helpers import labelled_image
+from tests.data.helpers import (
+    assert_same_batches,
+    check_resumes,
+    concatenated,
+    labelled_image,
+    take,
+)
 
 N = 24
 CLASSES = ["tabby cat", "golden retriever", "fire truck"]
@@ -105,3 +111,19 @@ def test_unknown_features_are_named(tfds_dir):
         TfdsSource("tiny_pairs", data_dir=tfds_dir, text_key="text")
     with pytest.raises(ValueError, match="text_key or label_key"):
         TfdsSource("tiny_pairs", data_dir=tfds_dir)
+
+
+def test_training_order_resumes_exactly_and_ignores_the_process_count(tfds_dir):
+    block = config(tfds_dir, text_key="caption", label_key="label")
+    block.update(
+        pp="decode|inception_crop(6)|flip_lr|value_range(0, 255)|tokenize(max_len=8)",
+        shuffle_buffer=5,
+        batch_size=4,
+    )
+    # One shard: two processes share it by example, and get the single process's batches.
+    single = take(make_local_iterator(block, 0, 1), 8)
+    pair = [make_local_iterator(block, p, 2) for p in range(2)]
+    assert_same_batches(concatenated(pair, 8), single)
+    # 24 records, windows of 5: mid-window (after 1), at a window's end (5), past an epoch (7).
+    check_resumes(block, 0, 1, 9, resume_after=[1, 5, 7])
+    check_resumes(block, 1, 2, 5, resume_after=[2])
