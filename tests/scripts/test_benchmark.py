@@ -44,6 +44,7 @@ def test_loop_benchmark_times_the_bare_step_the_trainer_loop_and_a_per_step_sync
     )
     benchmark.main(
         ["loop", "--config", str(tmp_path / "tiny.py"), "--steps", "4", "--log_every", "2"]
+        + ["--rounds", "1"]
         + ["--json"]
     )
     (row,) = json.loads(capsys.readouterr().out)
