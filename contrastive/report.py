@@ -33,6 +33,13 @@ def plot_curves(rows: Sequence[dict], path: str) -> str:
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
+    return save_figure(figure, path)
+
+
+def save_figure(figure, path: str) -> str:
+    """Writes a matplotlib figure as PNG to path (local or a bucket URL) and closes it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from typing import Any
 
-from contrastive import storage
+from contrastive.report import save_figure
 
 
 def plot_reliability(panels: Mapping[str, Mapping[str, Any]], path: str) -> str:
@@ -58,9 +57,4 @@ def plot_reliability(panels: Mapping[str, Mapping[str, Any]], path: str) -> str:
         axis.set_title(f"{title}\nECE {panel['ece']:.4f}, {sum(bins['count'])} images")
         axis.legend(loc="upper left", fontsize="small")
     axes[0][0].set_ylabel("accuracy")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    storage.write_bytes(str(path), buffer.getvalue())
-    return str(path)
+    return save_figure(figure, path)
