@@ -35,7 +35,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import signal
 import threading
 from types import FrameType
@@ -46,6 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from contrastive import storage
 from contrastive.storage import CHECKPOINT_SCHEMES
 
 logger = logging.getLogger(__name__)
@@ -150,13 +150,13 @@ class Checkpointer:
     ):
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
-        directory = str(directory)
-        if "://" in directory and not directory.startswith(CHECKPOINT_SCHEMES):
+        directory = storage.absolute(directory)
+        if storage.is_remote(directory) and not directory.startswith(CHECKPOINT_SCHEMES):
             raise ValueError(
                 f"checkpoints cannot be written to {directory}: orbax stores arrays on local "
                 f"disks or under {' or '.join(CHECKPOINT_SCHEMES)}; set checkpoint.directory"
             )
-        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+        self.directory = epath.Path(directory)
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
         if not 0 <= process_index < process_count:
@@ -245,12 +245,7 @@ class Checkpointer:
           Arrays are read straight into those shardings, whatever mesh the checkpoint was
           saved from.
         """
-        self._manager.wait_until_finished()
-        if step not in self.all_steps():
-            raise FileNotFoundError(
-                f"no finalized checkpoint for step {step} in {self.directory}; "
-                f"available: {self.all_steps()}"
-            )
+        self._require_finalized(step)
         target = jax.tree_util.tree_map_with_path(_abstract_leaf, abstract_state)
         restored = self._manager.restore(
             step,
@@ -267,12 +262,7 @@ class Checkpointer:
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the parameters of finalized checkpoint `step` (no optimizer state, no input
         position): what evaluation needs, read straight into abstract_params' shardings."""
-        self._manager.wait_until_finished()
-        if step not in self.all_steps():
-            raise FileNotFoundError(
-                f"no finalized checkpoint for step {step} in {self.directory}; "
-                f"available: {self.all_steps()}"
-            )
+        self._require_finalized(step)
         target = {"params": jax.tree_util.tree_map_with_path(_abstract_leaf, abstract_params)}
         restored = ocp.PyTreeCheckpointer().restore(
             self.directory / str(step) / STATE_ITEM,
@@ -283,6 +273,15 @@ class Checkpointer:
             ),
         )
         return restored["params"]
+
+    def _require_finalized(self, step: int) -> None:
+        """Waits for the save in flight; raises FileNotFoundError unless `step` is on disk."""
+        self._manager.wait_until_finished()
+        if step not in self.all_steps():
+            raise FileNotFoundError(
+                f"no finalized checkpoint for step {step} in {self.directory}; "
+                f"available: {self.all_steps()}"
+            )
 
     def wait_until_finished(self) -> None:
         """Blocks until the save in flight (if any) is finalized and old steps are deleted."""

@@ -47,12 +47,7 @@ def abstract_train_state(
     """(state of ShapeDtypeStructs, shardings): what a restore needs, without allocating."""
     shapes = jax.eval_shape(lambda key: _fresh_state(init_params(key), optimizer, key), rng)
     shardings = state_shardings(shapes, mesh, min_fsdp_size)
-    abstract = jax.tree.map(
-        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
-        shapes,
-        shardings,
-    )
-    return abstract, shardings
+    return _with_shardings(shapes, shardings), shardings
 
 
 def abstract_params(
@@ -60,7 +55,11 @@ def abstract_params(
 ) -> Any:
     """The parameters as ShapeDtypeStructs with the shardings training gives them."""
     shapes = jax.eval_shape(init_params, rng)
-    shardings = state_shardings(shapes, mesh, min_fsdp_size)
+    return _with_shardings(shapes, state_shardings(shapes, mesh, min_fsdp_size))
+
+
+def _with_shardings(shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that carry their sharding: what orbax restores straight into place."""
     return jax.tree.map(
         lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
         shapes,

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax.traverse_util import flatten_dict
 from jax.experimental import multihost_utils
 
 from contrastive import config_schema, storage
@@ -187,20 +188,11 @@ def checkpoint_directory(values: Mapping[str, Any], workdir: str) -> str:
 RESUME_KEYS = ("task", "model", "loss", "optim")
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        flat = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: value}
-
-
 def check_resume_compatible(saved: Mapping[str, Any], values: Mapping[str, Any], workdir) -> None:
     """Raises ConfigError listing the keys of RESUME_KEYS whose values differ."""
     normalise = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731
-    before = _flatten({k: normalise(saved.get(k)) for k in RESUME_KEYS})
-    after = _flatten({k: normalise(values.get(k)) for k in RESUME_KEYS})
+    before = flatten_dict({k: normalise(saved.get(k)) for k in RESUME_KEYS}, sep=".")
+    after = flatten_dict({k: normalise(values.get(k)) for k in RESUME_KEYS}, sep=".")
     differing = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     if differing:
         changes = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in differing[:12])
