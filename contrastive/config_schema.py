@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from contrastive.evaluators.schema import eval_block_problems
+from data.config import ConfigError as ConfigError  # the one config error type
 
 TOP_LEVEL = {
     "task": str,
@@ -61,10 +62,6 @@ CLASSIFIER_KEYS = (
 )
 CHECKPOINT_KEYS = {"every_steps": int, "keep": int, "async_save": bool, "directory": str}
 MODEL_INIT_KEYS = ("image", "text")
-
-
-class ConfigError(ValueError):
-    """An invalid trainer config; the message lists every problem."""
 
 
 def as_dict(value: Any) -> Any:

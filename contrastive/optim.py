@@ -115,8 +115,18 @@ SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
 _MOMENTUM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _problem(where: str, key: str, problem: str, known: Sequence[str]) -> str:
+    return f"{where}.{key}: {problem}. Known {where} keys: {', '.join(known)}"
+
+
 def _fail(where: str, key: str, problem: str, known: Sequence[str]) -> ValueError:
-    return ValueError(f"{where}.{key}: {problem}. Known {where} keys: {', '.join(known)}")
+    return ValueError(_problem(where, key, problem, known))
+
+
+def _raise_all(problems: list[str]) -> None:
+    """One ValueError carrying every problem, one per line."""
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 def _is_real(value: Any) -> bool:
@@ -226,28 +236,43 @@ def _resolve(
     defaults: Mapping[str, Any],
     checks: Mapping[str, Callable[[Any], str | None]],
     specific: Mapping[str, tuple[str, ...]],
-) -> dict[str, Any]:
-    """Defaults filled in, every given key checked; keys of another variant are rejected."""
+    problems: list[str],
+) -> dict[str, Any] | None:
+    """Defaults filled in, every given key checked; keys of another variant are rejected.
+
+    Every problem found is appended to `problems`; returns None when the block is unusable.
+    """
     known = list(defaults)
     if not isinstance(config, Mapping):
-        raise ValueError(f"{where}: {_mapping(config)}. Known {where} keys: {', '.join(known)}")
+        problems.append(f"{where}: {_mapping(config)}. Known {where} keys: {', '.join(known)}")
+        return None
+    before = len(problems)
     for key in config:
         if key not in defaults:
-            raise _fail(where, key, "unknown key", known)
+            problems.append(_problem(where, key, "unknown key", known))
     name = config.get("name", defaults["name"])
     problem = checks["name"](name)
     if problem:
-        raise _fail(where, "name", problem, known)
-    own_keys = set(specific[name])
+        problems.append(_problem(where, "name", problem, known))
+    own_keys = set() if problem else set(specific[name])
     for key, value in config.items():
+        if key not in defaults or key == "name":
+            continue
         owners = [n for n, keys in specific.items() if key in keys]
+        if owners and problem:
+            continue  # whether it applies depends on the name
         # At its default value another variant's key is inert, which lets a config start from
         # the full defaults; any other value would be silently ignored, so it is an error.
         if owners and key not in own_keys and value != defaults[key]:
-            raise _fail(where, key, f"applies to name in {owners} only, not {name!r}", known)
+            problems.append(
+                _problem(where, key, f"applies to name in {owners} only, not {name!r}", known)
+            )
+            continue
         problem = checks[key](value)
         if problem:
-            raise _fail(where, key, problem, known)
+            problems.append(_problem(where, key, problem, known))
+    if len(problems) > before:
+        return None
     all_specific = {k for keys in specific.values() for k in keys}
     return {
         key: config.get(key, default)
@@ -256,40 +281,61 @@ def _resolve(
     }
 
 
-def _resolve_schedule(schedule: Any, total_steps: int) -> dict[str, Any]:
-    """Schedule mapping with defaults and `warmup_steps` as an int (from either warmup key)."""
-    resolved = _resolve(schedule, "schedule", SCHEDULE_DEFAULTS, _SCHEDULE_CHECKS, SCHEDULE_KEYS)
+def _resolve_schedule(schedule: Any, total_steps: int, problems: list[str]) -> dict | None:
+    """Schedule mapping with defaults and `warmup_steps` as an int (from either warmup key);
+    None (and the reasons appended to `problems`) when it is invalid."""
+    resolved = _resolve(
+        schedule, "schedule", SCHEDULE_DEFAULTS, _SCHEDULE_CHECKS, SCHEDULE_KEYS, problems
+    )
+    if resolved is None:
+        return None
     known = list(SCHEDULE_DEFAULTS)
     fraction = resolved.pop("warmup_fraction")
     if fraction is not None and resolved["warmup_steps"] is not None:
-        raise _fail("schedule", "warmup_fraction", "set either it or warmup_steps, not both", known)
+        problems.append(
+            _problem(
+                "schedule", "warmup_fraction", "set either it or warmup_steps, not both", known
+            )
+        )
+        return None
     if fraction is not None:
         resolved["warmup_steps"] = round(fraction * total_steps)
     elif resolved["warmup_steps"] is None:
         resolved["warmup_steps"] = 0
     warmup = resolved["warmup_steps"]
     cooldown = resolved.get("cooldown_steps", 0)
+    before = len(problems)
     if warmup + cooldown > total_steps:
         key = "cooldown_steps" if cooldown else "warmup_steps"
-        raise _fail(
-            "schedule",
-            key,
-            f"warmup ({warmup}) + cooldown ({cooldown}) steps exceed total_steps ({total_steps})",
-            known,
+        problems.append(
+            _problem(
+                "schedule",
+                key,
+                f"warmup ({warmup}) + cooldown ({cooldown}) steps exceed total_steps "
+                f"({total_steps})",
+                known,
+            )
         )
-    if resolved["name"] in ("cosine", "linear") and warmup >= total_steps:
-        raise _fail(
-            "schedule", "warmup_steps", f"leaves no decay steps in total_steps={total_steps}", known
+    elif resolved["name"] in ("cosine", "linear") and warmup >= total_steps:
+        problems.append(
+            _problem(
+                "schedule",
+                "warmup_steps",
+                f"leaves no decay steps in total_steps={total_steps}",
+                known,
+            )
         )
     if resolved["name"] == "rsqrt" and resolved["timescale"] < warmup:
         # lr = peak * sqrt(timescale / step) would already be below peak when warmup ends: a jump.
-        raise _fail(
-            "schedule",
-            "timescale",
-            f"must be >= warmup steps ({warmup}) so the decay starts at the peak",
-            known,
+        problems.append(
+            _problem(
+                "schedule",
+                "timescale",
+                f"must be >= warmup steps ({warmup}) so the decay starts at the peak",
+                known,
+            )
         )
-    return resolved
+    return None if len(problems) > before else resolved
 
 
 def _check_total_steps(total_steps: Any) -> None:
@@ -318,7 +364,9 @@ def learning_rate_schedule(
     problem = _OPTIM_CHECKS["lr"](peak_lr)
     if problem:
         raise ValueError(f"peak_lr: {problem}")
-    resolved = _resolve_schedule(schedule_config, total_steps)
+    problems: list[str] = []
+    resolved = _resolve_schedule(schedule_config, total_steps, problems)
+    _raise_all(problems)
     name, warmup = resolved["name"], resolved["warmup_steps"]
     peak = float(peak_lr)
 
@@ -354,20 +402,34 @@ def learning_rate_schedule(
 def validate_optim_config(optim: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
     """The config with defaults filled in, only the keys that apply, schedule resolved.
 
-    Raises ValueError naming the first bad key; checks that need the parameters (regexes that
-    match nothing) happen in `make_optimizer`.
+    Raises ValueError listing every bad key, one per line; checks that need the parameters
+    (regexes that match nothing) happen in `make_optimizer`.
     """
     _check_total_steps(total_steps)
-    resolved = _resolve(optim, "optim", OPTIM_DEFAULTS, _OPTIM_CHECKS, OPTIMIZER_KEYS)
+    problems: list[str] = []
+    resolved = _resolve(optim, "optim", OPTIM_DEFAULTS, _OPTIM_CHECKS, OPTIMIZER_KEYS, problems)
     known = list(OPTIM_DEFAULTS)
+    schedule = (
+        optim.get("schedule", OPTIM_DEFAULTS["schedule"]) if isinstance(optim, Mapping) else {}
+    )
+    if isinstance(schedule, Mapping):
+        schedule = _resolve_schedule(schedule, total_steps, problems)
+    if resolved is None:
+        _raise_all(problems)
     if resolved["name"] == "sgd" and resolved["nesterov"] and resolved["momentum"] is None:
-        raise _fail("optim", "nesterov", "needs a momentum", known)
+        problems.append(_problem("optim", "nesterov", "needs a momentum", known))
     if resolved["weight_decay"] > 0 and resolved["wd_rules"] is not None:
         if not resolved["wd_rules"]:
-            raise _fail(
-                "optim", "wd_rules", "is empty while weight_decay > 0; set weight_decay=0", known
+            problems.append(
+                _problem(
+                    "optim",
+                    "wd_rules",
+                    "is empty while weight_decay > 0; set weight_decay=0",
+                    known,
+                )
             )
-    resolved["schedule"] = _resolve_schedule(resolved["schedule"], total_steps)
+    _raise_all(problems)
+    resolved["schedule"] = schedule
     resolved["wd_rules"] = None if resolved["wd_rules"] is None else list(resolved["wd_rules"])
     resolved["freeze"] = list(resolved["freeze"])
     return resolved

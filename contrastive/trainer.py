@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -18,13 +17,13 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from jax.experimental import multihost_utils
 
-from contrastive import config_schema, storage
+from contrastive import storage
 from contrastive.accumulation import accumulated_contrastive_value_and_grad, check_microbatching
 from contrastive.checkpoint import Checkpointer, PreemptionGuard
-from contrastive.config_schema import ConfigError, as_dict
+from contrastive.config_schema import ConfigError
 from contrastive.evaluators.build import build_evaluators
+from contrastive.experiment import Task, build_task, resolve_total_steps
 from contrastive.freezing import frozen_mask
-from contrastive.losses import make_loss
 from contrastive.mesh import BATCH_AXES, make_mesh
 from contrastive.metric_logging import (
     MetricLogger,
@@ -33,8 +32,7 @@ from contrastive.metric_logging import (
     log_primary,
     read_metrics,
 )
-from contrastive.objectives import classification_objective, contrastive_objective
-from contrastive.optim import make_optimizer, validate_optim_config
+from contrastive.optim import make_optimizer
 from contrastive.report import plot_curves
 from contrastive.step import (
     abstract_params,
@@ -42,23 +40,20 @@ from contrastive.step import (
     init_train_state,
     make_train_step,
 )
+from contrastive.validation import validate_config
 from data.config import validate_input_config
 from data.pipeline import make_global_iterator
-from data.sources import make_source
-from models.classifier import ImageClassifier
-from models.heteroscedastic import NoiseConfig, TemperatureConfig
-from models.two_towers import example_inputs, load_pretrained_towers, two_towers_from_config
 
-
-@dataclasses.dataclass
-class Task:
-    """What differs between methods: the model, its objective, and how parameters start."""
-
-    model: Any
-    objective: Callable
-    init_params: Callable[[jax.Array], Any]
-    load_params: Callable[[Any], Any] | None
-    loss: Any = None  # the contrastive loss (None for classification)
+__all__ = [
+    "Task",
+    "TrainResult",
+    "TrainedRun",
+    "build_task",
+    "load_trained",
+    "resolve_total_steps",
+    "train",
+    "validate_config",
+]
 
 
 @dataclasses.dataclass
@@ -66,112 +61,6 @@ class TrainResult:
     step: int
     preempted: bool
     metrics: dict
-
-
-# ----------------------------------------------------------------------------------------------
-# Config
-
-
-def validate_config(config) -> dict:
-    """All checks that need no data or compilation; returns the config as a plain dict."""
-    values = as_dict(config)
-    problems = config_schema.validate_structure(values)
-    checks = [("input", lambda: validate_input_config(values["input"]))]
-    if values.get("task") == "contrastive":
-        checks.append(("model", lambda: two_towers_from_config(values["model"])))
-        checks.append(("loss", lambda: make_loss(**_loss_options(values))))
-    elif values.get("task") == "classification":
-        checks.append(("model", lambda: _classifier(values["model"])))
-    for name, block in (values.get("evals") or {}).items():
-        if isinstance(block, Mapping) and isinstance(block.get("input"), Mapping):
-            checks.append(
-                (f"evals.{name}.input", lambda b=block: validate_input_config(b["input"]))
-            )
-    for where, check in checks:
-        if where.split(".")[0] in values:
-            try:
-                check()
-            except (ValueError, TypeError, KeyError) as error:
-                problems.append(f"{where}: {error}")
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-    return values
-
-
-def _loss_options(values) -> dict:
-    loss = dict(values.get("loss") or {})
-    if "name" not in loss:
-        raise ValueError("loss needs a 'name' (clip, siglip or hetxl)")
-    return loss
-
-
-def _classifier(model: Mapping[str, Any]) -> ImageClassifier:
-    model = dict(model)
-    return ImageClassifier(
-        image_tower=dict(model["image_tower"]),
-        num_classes=model["num_classes"],
-        head=model.get("head", "hetxl"),
-        likelihood=model.get("likelihood", "softmax"),
-        noise=NoiseConfig(**dict(model.get("noise") or {})),
-        temperature=TemperatureConfig(**dict(model.get("temperature") or {})),
-    )
-
-
-def total_steps(values: Mapping[str, Any], train_examples: int | None) -> int:
-    """Training length in steps from total_steps, total_epochs or total_examples."""
-    batch = values["input"]["batch_size"]
-    if values.get("total_steps") is not None:
-        return int(values["total_steps"])
-    if values.get("total_examples") is not None:
-        return max(1, math.ceil(values["total_examples"] / batch))
-    if train_examples is None:
-        raise ConfigError("total_epochs needs a source of known size; give total_steps instead")
-    return max(1, math.ceil(values["total_epochs"] * train_examples / batch))
-
-
-def resolve_total_steps(values: Mapping[str, Any]) -> int:
-    """total_steps(), reading the training source's size only when the length is in epochs."""
-    train_examples = None
-    if values.get("total_epochs") is not None:
-        train_input = validate_input_config(values["input"])
-        source = make_source(train_input.source_name, **train_input.source_options)
-        train_examples = source.num_examples()
-    return total_steps(values, train_examples)
-
-
-# ----------------------------------------------------------------------------------------------
-# Model and objective
-
-
-def build_task(values: Mapping[str, Any], mesh) -> Task:
-    if values["task"] == "classification":
-        model = _classifier(values["model"])
-        size = values["model"]["image_size"]
-        images = np.zeros((1, size, size, 3), np.float32)
-        labels = np.zeros((1,), np.int32)
-
-        def init_classifier(key):
-            noise_key, params_key = jax.random.split(key)
-            rngs = {"params": params_key, "noise": noise_key}
-            return model.init(rngs, images, labels, train=True)["params"]
-
-        return Task(model, classification_objective(model), init_classifier, None)
-
-    model = two_towers_from_config(values["model"])
-    images, tokens = example_inputs(values["model"])
-
-    def init_two_towers(key):
-        return model.init(key, images, tokens)["params"]
-
-    model_init = values.get("model_init") or {}
-    load = None
-    if model_init.get("image") or model_init.get("text"):
-
-        def load(params):
-            return load_pretrained_towers(params, model_init.get("image"), model_init.get("text"))
-
-    loss = make_loss(**_loss_options(values))
-    return Task(model, contrastive_objective(model, loss, mesh), init_two_towers, load, loss)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,18 +141,11 @@ def train(config, workdir: str) -> TrainResult:
     """Trains (or resumes from the latest checkpoint in workdir) until the configured length or
     a SIGTERM / Ctrl-C; returns the last step, whether it was preempted and the last logged
     metrics. workdir may be a bucket URL (gs://...)."""
+    # --- Everything checked before anything is read or written (contrastive/validation.py)
     values = validate_config(config)
     workdir = storage.absolute(str(workdir))
-
-    # --- Length, then the optimizer block checked against it (still before reading data)
     train_input = validate_input_config(values["input"])
-    if train_input.num_epochs is not None:
-        raise ConfigError("input.num_epochs must be None for training (the length is total_*)")
     num_steps = resolve_total_steps(values)
-    try:
-        validate_optim_config(dict(values["optim"]), num_steps)
-    except ValueError as error:
-        raise ConfigError(f"invalid config:\n  optim: {error}") from error
 
     # --- A resumed run must be the same run (checked before anything is written)
     config_path = storage.join(workdir, "config.json")
@@ -307,7 +189,10 @@ def train(config, workdir: str) -> TrainResult:
         state, shardings = init_train_state(
             task.init_params, optimizer, rng, mesh, load_params=task.load_params
         )
-    # Written only now: a config that failed validation or restore leaves the workdir as it was.
+    # Evaluation inputs are opened now (each reads until one record survives), not after training.
+    evaluators = build_evaluators(values, task.model, mesh)
+    # Written only now: a config that failed validation, restore or an evaluation input leaves
+    # the workdir as it was.
     if jax.process_index() == 0:
         storage.write_text(config_path, json.dumps(values, indent=2, default=str))
     value_and_grad = None
@@ -324,7 +209,6 @@ def train(config, workdir: str) -> TrainResult:
         value_and_grad,
         prepare_batch=train_iter.device_preprocess,
     )
-    evaluators = build_evaluators(values, task.model, mesh)
 
     # --- Loop. Steps are dispatched without waiting on device values; the host reads the
     # device (metrics, non-finite counter, agreement on preemption) only at sync points: log,

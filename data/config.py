@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from data.preprocess import PreprocessError, parse_pp
@@ -37,7 +37,19 @@ from data.sources import SOURCES
 
 
 class ConfigError(ValueError):
-    """An invalid config.input block; the message lists every problem found."""
+    """An invalid config: `problems` lists every problem found, one line each.
+
+    The one error type reported as a config mistake (data, model, loss, optimizer and trainer
+    checks all raise it); anything else is a bug and keeps its traceback.
+    """
+
+    def __init__(self, problems: str | Sequence[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if isinstance(problems, str):
+            message = problems
+        else:
+            message = "invalid config:\n  " + "\n  ".join(self.problems)
+        super().__init__(message)
 
 
 @dataclasses.dataclass(frozen=True)

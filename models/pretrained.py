@@ -267,6 +267,7 @@ def load_vit_npz(
     init_params: Mapping[str, Any],
     *,
     dont_load: Sequence[str] = (),
+    skip_in_checkpoint: Sequence[str] = (),
     posemb_cls: bool = True,
     posemb_grid: tuple[int, int] | None = None,
     resize_method: str = "bilinear",
@@ -281,6 +282,8 @@ def load_vit_npz(
         `init_params` value (which must then be real arrays) and matching checkpoint entries are
         dropped, e.g. ("head/.*",) to replace a classifier with a new projection. A pattern that
         matches nothing is an error.
+      skip_in_checkpoint: regexes of checkpoint entries to ignore when present (no error when
+        absent), e.g. ("head/.*",) for a classifier head that a model without a head never takes.
       posemb_cls: the model's `ViT.posemb_cls`: whether its position table has a class-token
         row. Only read for models with a class token ("cls") and a learned table; it cannot be
         told from the table's length alone (1 + 6 * 4 rows look like a 5 x 5 grid).
@@ -300,6 +303,11 @@ def load_vit_npz(
     tree = _fix_old_vit_layouts(unflatten_params(load_npz(path)))
     model_is_scan = any(name.startswith("Transformer/encoderblock/") for name in expected)
     loaded = flatten_params(_align_layer_layout(tree, model_is_scan))
+    loaded = {
+        name: value
+        for name, value in loaded.items()
+        if not any(re.fullmatch(pattern, name) for pattern in skip_in_checkpoint)
+    }
 
     keep_init = {}
     for pattern in dont_load:

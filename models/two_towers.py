@@ -191,8 +191,13 @@ def load_pretrained_towers(
     if image_init is not None:
         options = dict(image_init)
         path = options.pop("npz")
-        dont_load = list(options.pop("dont_load", [])) + ["head/.*"]
-        params["img"] = pretrained.load_vit_npz(path, params["img"], dont_load=dont_load, **options)
+        dont_load = list(options.pop("dont_load", []))
+        if "head" in params["img"]:  # the projection to embed_dim keeps its fresh init
+            dont_load.append("head/.*")
+        # A classifier head in the checkpoint is never used, and a checkpoint may have none.
+        params["img"] = pretrained.load_vit_npz(
+            path, params["img"], dont_load=dont_load, skip_in_checkpoint=["head/.*"], **options
+        )
     if text_init is not None:
         if text_init != "minilm":
             raise ValueError(f"text_init {text_init!r} is unknown; known: ['minilm']")

@@ -115,7 +115,7 @@ def build_evaluator(
     does not fit the run."""
     problems = eval_block_problems(name, block)
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError(problems)
     kind = block["kind"]
     task = values.get("task", "contrastive")
     if (kind == "classification") != (task == "classification"):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from contrastive.losses.metrics import global_mean, logit_statistics
-from contrastive.losses.sharding import AxisNames, gather_batch, row_logsumexp
+from contrastive.losses.sharding import AxisNames, gather_batch, require_positive, row_logsumexp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +24,9 @@ class ClipLoss:
     """
 
     column_chunk_size: int = 1024
+
+    def __post_init__(self):
+        require_positive(self, "column_chunk_size")
 
     def __call__(self, outputs: dict, rng: jax.Array, axis_names: AxisNames):
         del rng

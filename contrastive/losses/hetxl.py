@@ -32,6 +32,7 @@ from contrastive.losses.sharding import (
     batch_offset,
     gather_batch,
     logsumexp_across,
+    require_positive,
     row_logsumexp,
     scan_column_chunks,
 )
@@ -55,6 +56,9 @@ class HetXLLoss:
     column_chunk_size: int = 1024
     share_samples_across_batch: bool = False
     renormalize: bool = False
+
+    def __post_init__(self):
+        require_positive(self, "num_samples", "sample_chunk_size", "column_chunk_size")
 
     def __call__(self, outputs: dict, rng: jax.Array, axis_names: AxisNames):
         images, texts = outputs["image_embedding"], outputs["text_embedding"]

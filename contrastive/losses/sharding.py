@@ -136,3 +136,11 @@ def shard_loss(
         )(outputs, rng)
 
     return loss
+
+
+def require_positive(options, *names: str) -> None:
+    """Raises ValueError naming the first of `names` (integer options of a loss) below 1."""
+    for name in names:
+        value = getattr(options, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -13,7 +13,13 @@ import jax
 import jax.numpy as jnp
 
 from contrastive.losses.metrics import logit_statistics
-from contrastive.losses.sharding import AxisNames, batch_offset, gather_batch, scan_column_chunks
+from contrastive.losses.sharding import (
+    AxisNames,
+    batch_offset,
+    gather_batch,
+    require_positive,
+    scan_column_chunks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +27,9 @@ class SigLipLoss:
     """Sigmoid loss; reads "image_embedding", "text_embedding", "tau" and "bias"."""
 
     column_chunk_size: int = 1024
+
+    def __post_init__(self):
+        require_positive(self, "column_chunk_size")
 
     def __call__(self, outputs: dict, rng: jax.Array, axis_names: AxisNames):
         del rng

@@ -332,3 +332,37 @@ def test_loading_across_layouts_with_resampling(tmp_path, source_cls):
     expected, _ = same_layout_model.apply({"params": same_layout}, images)
     out, _ = model.apply({"params": loaded}, images)
     np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("checkpoint_classes", [None, 10])
+@pytest.mark.parametrize("embed_dim", [None, 16])
+def test_lit_image_tower_loads_checkpoints_with_and_without_a_head(
+    tmp_path, checkpoint_classes, embed_dim
+):
+    """LiT: the tower's projection (if any) keeps its init, the checkpoint's classifier head (if
+    any) is ignored, and every other parameter comes from the checkpoint."""
+    from models.two_towers import load_pretrained_towers, two_towers_from_config
+
+    _, source = make_params(num_classes=checkpoint_classes, head_zeroinit=False)
+    pretrained.save_vit_npz(tmp_path / "vit.npz", source)
+    model = two_towers_from_config(
+        dict(
+            image_tower=dict(name="vit", **TINY),
+            text_tower=dict(
+                name="text_transformer", vocab_size=50, width=32, depth=1, mlp_dim=64, num_heads=2
+            ),
+            embed_dim=embed_dim,
+        )
+    )
+    init = model.init(jax.random.key(3), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 4), jnp.int32))
+    loaded = load_pretrained_towers(init["params"], {"npz": str(tmp_path / "vit.npz")}, None)
+    image = flat(loaded["img"])
+    expected = {n: v for n, v in flat(source).items() if not n.startswith("head/")}
+    for name, value in expected.items():
+        np.testing.assert_array_equal(image[name], value, err_msg=name)
+    assert sorted(n for n in image if n.startswith("head/")) == (
+        [] if embed_dim is None else ["head/bias", "head/kernel"]
+    )
+    for name in image:
+        if name.startswith("head/"):
+            np.testing.assert_array_equal(image[name], flat(init["params"]["img"])[name])

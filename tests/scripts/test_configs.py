@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from contrastive.config_schema import ConfigError
 from contrastive.evaluators.build import build_evaluators
 from contrastive.mesh import make_mesh, replicated
 from contrastive.trainer import build_task, validate_config
@@ -24,8 +25,14 @@ FASHION_TEST = 12
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
-def test_config_validates(path):
-    values = validate_config(load_config(str(path)))
+def test_config_validates(path, tmp_path):
+    spec = str(path)
+    if path.stem == "lit_hetxl":  # validation checks that the pretrained checkpoint exists
+        with pytest.raises(ConfigError, match="model_init.image.npz: no file at B_16.npz"):
+            validate_config(load_config(spec))
+        (tmp_path / "B_16.npz").write_bytes(b"")
+        spec += f":npz={tmp_path / 'B_16.npz'}"
+    values = validate_config(load_config(spec))
     assert values["task"] in ("contrastive", "classification")
 
 
@@ -96,7 +103,13 @@ def data_dirs(tmp_path_factory):
             for split, n in (("train", 8), ("test", 5))
         },
     )
-    return {"fashion": str(root / "fashion"), "tfds": str(root / "tfds")}
+    # Validation only checks that the pretrained checkpoint exists; tiny_model drops model_init.
+    (root / "B_16.npz").write_bytes(b"")
+    return {
+        "fashion": str(root / "fashion"),
+        "tfds": str(root / "tfds"),
+        "npz": str(root / "B_16.npz"),
+    }
 
 
 # config spec (with the data folders filled in) -> examples each of its evaluators reads
@@ -106,7 +119,7 @@ EVAL_CASES = {
     "classify": ("configs/classify.py:data_dir={fashion},head=het", FASHION_TEST),
     "classify_tfds": ("configs/classify.py:dataset=tiny_labels,data_dir={tfds},classes=3", 5),
     "clip_hetxl": ("configs/clip_hetxl.py:imagenet_dir={tfds}", IMAGENET_VALIDATION),
-    "lit_hetxl": ("configs/lit_hetxl.py:imagenet_dir={tfds}", IMAGENET_VALIDATION),
+    "lit_hetxl": ("configs/lit_hetxl.py:imagenet_dir={tfds},npz={npz}", IMAGENET_VALIDATION),
 }
 
 
