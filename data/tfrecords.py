@@ -1,8 +1,10 @@
 """TFRecord shards of tf.train.Example {image: encoded bytes, caption: UTF-8 bytes, label: int64}.
 
-Writing: `read_manifest` reads a CSV (header row naming the columns) or JSONL file of
-(image path, caption) pairs, and `write_shards` stores the image files' bytes unchanged (no
-re-encoding, so no quality loss) round-robin into N shards named PREFIX-00000-of-0000N.tfrecord.
+Writing: `ShardWriter` stores serialized examples round-robin into N shards named
+PREFIX-00000-of-0000N.tfrecord and publishes them only when complete. scripts.make_tfrecords
+(data/pair_readers.py, data/convert.py) fills it from manifests, image folders or WebDataset
+tars; `read_manifest` and `write_shards` are the small library form of the same path for a CSV /
+TSV / JSONL manifest of (image path, caption), storing the image files' bytes unchanged.
 
 Reading: TFRecordSource's shards are its files, read `cycle_length` at a time (data/order.py).
 Each process reads whole files when there are at least as many files as processes (each host
@@ -17,9 +19,7 @@ All paths go through tf.io.gfile, so gs:// and other remote file systems work li
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import os
 import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
+from data.pair_readers import InputError, Row, RowError, clean_caption, detect_format, read_pairs
 from data.records import MISSING
 from data.source_base import ShardTable, Source
 
@@ -47,60 +48,106 @@ def encode_example(image: bytes, caption: str | bytes, label: int | None = None)
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 
-def _resolve(base_dir: str, path: str) -> str:
-    """`path` relative to `base_dir` unless it is absolute or a URL (gs://...)."""
-    if "://" in path or posixpath.isabs(path):
-        return path
-    joined = posixpath.join(base_dir, path)
-    return joined if "://" in joined else posixpath.normpath(joined)
-
-
 def read_manifest(
     path: str, image_column: str = "image", caption_column: str = "caption"
 ) -> list[tuple[str, str]]:
-    """(image path, caption) pairs from a .csv (with header) or .jsonl file.
+    """(image path, caption) of the usable rows of a .csv / .tsv (header row) or .jsonl file.
 
     Relative image paths are resolved against the manifest's directory, so a manifest and its
-    images can move together.
+    images can move together. Rows that cannot be used are left out (scripts.make_tfrecords
+    counts them); a header without the named columns raises InputError (a ValueError).
     """
     path = str(path)
-    with tf.io.gfile.GFile(path, "r") as f:
-        text = f.read()
-    if path.endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        missing = {image_column, caption_column} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: no column(s) {sorted(missing)} in {reader.fieldnames}")
-        rows = [(row[image_column], row[caption_column]) for row in reader]
-    elif path.endswith((".jsonl", ".json")):
-        rows = []
-        for line_number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"no manifest {path}")
+    input_format = detect_format(path)
+    if input_format not in ("csv", "tsv", "jsonl"):
+        raise InputError(f"{path}: a manifest is .csv, .tsv or .jsonl")
+    pairs = []
+    for row in read_pairs([(path, input_format)], image_column, caption_column):
+        if isinstance(row, Row):
+            try:
+                pairs.append((row.image, clean_caption(row.caption)))
+            except RowError:
                 continue
-            item = json.loads(line)
-            if image_column not in item or caption_column not in item:
-                raise ValueError(
-                    f"{path}:{line_number}: needs keys {image_column!r} and {caption_column!r}"
-                )
-            rows.append((item[image_column], item[caption_column]))
-    else:
-        raise ValueError(f"{path}: manifest must be .csv or .jsonl")
-    base_dir = posixpath.dirname(path)
-    return [(_resolve(base_dir, image), caption) for image, caption in rows]
+    return pairs
+
+
+def shard_paths(output_prefix: str, num_shards: int) -> list[str]:
+    """PREFIX-00000-of-0000N.tfrecord, ..., the names ShardWriter publishes."""
+    return [f"{output_prefix}-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
+
+
+class ShardWriter:
+    """Serialized examples, round-robin into PREFIX-0000i-of-0000N.tfrecord, published whole.
+
+    Shards are written under temporary names (FINAL.tmp-PID), which a training glob such as
+    PREFIX-*.tfrecord does not match, and renamed to their final names only once all of them are
+    complete: a crash mid-write leaves no partial file under a final name. As a context manager
+    it publishes on a normal exit and removes the temporary files on an exception.
+    """
+
+    def __init__(self, output_prefix: str, num_shards: int) -> None:
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        self.paths = shard_paths(str(output_prefix), num_shards)
+        self.records_per_shard = [0] * num_shards
+        self._temporary = [f"{path}.tmp-{os.getpid()}" for path in self.paths]
+        tf.io.gfile.makedirs(posixpath.dirname(self.paths[0]) or ".")
+        self._writers: list[tf.io.TFRecordWriter] = []
+        self._finished = False
+        try:
+            for path in self._temporary:
+                self._writers.append(tf.io.TFRecordWriter(path))
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, serialized: bytes) -> None:
+        shard = sum(self.records_per_shard) % len(self.paths)
+        self._writers[shard].write(serialized)
+        self.records_per_shard[shard] += 1
+
+    def publish(self) -> None:
+        """Closes every shard, then gives each its final name (replacing an older file)."""
+        self._close()
+        for temporary, path in zip(self._temporary, self.paths, strict=True):
+            tf.io.gfile.rename(temporary, path, overwrite=True)
+
+    def discard(self) -> None:
+        """Closes and removes the temporary files; publishes nothing."""
+        try:
+            self._close()
+        finally:
+            for temporary in self._temporary:
+                if tf.io.gfile.exists(temporary):
+                    tf.io.gfile.remove(temporary)
+
+    def _close(self) -> None:
+        self._finished = True
+        writers, self._writers = self._writers, []
+        for writer in writers:
+            writer.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if self._finished:
+            return
+        if exc_type is None:
+            self.publish()
+        else:
+            self.discard()
 
 
 @dataclass
 class WriteStats:
-    """What write_shards did: files written, records per file, and inputs it could not read."""
+    """What write_shards did: files written, records per file, and the image paths skipped."""
 
     paths: list[str] = field(default_factory=list)
     records_per_shard: list[int] = field(default_factory=list)
     unreadable_images: list[str] = field(default_factory=list)
-
-
-def shard_paths(output_prefix: str, num_shards: int) -> list[str]:
-    """PREFIX-00000-of-0000N.tfrecord, ..., the names write_shards uses."""
-    return [f"{output_prefix}-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
 
 
 def write_shards(
@@ -108,32 +155,20 @@ def write_shards(
 ) -> WriteStats:
     """Writes (image path, caption) pairs round-robin into num_shards TFRecord files.
 
-    Unreadable image files are skipped and listed in the returned stats rather than aborting a
-    long conversion.
+    The image files' bytes are stored unchanged. Pairs whose image is missing or does not decode
+    (or whose caption is empty) are skipped and listed rather than aborting a long conversion.
     """
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    stats = WriteStats(
-        paths=shard_paths(output_prefix, num_shards), records_per_shard=[0] * num_shards
+    # Imported here: data.convert builds on this module's ShardWriter and encode_example.
+    from data.convert import convert
+
+    skipped: list[str] = []
+    report = convert(
+        (Row(image, image, caption) for image, caption in pairs),
+        str(output_prefix),
+        num_shards,
+        on_skip=lambda skip: skipped.append(skip.location),
     )
-    tf.io.gfile.makedirs(posixpath.dirname(stats.paths[0]) or ".")
-    writers = [tf.io.TFRecordWriter(p) for p in stats.paths]
-    try:
-        written = 0
-        for image_path, caption in pairs:
-            try:
-                with tf.io.gfile.GFile(image_path, "rb") as f:
-                    image = f.read()
-            except (OSError, tf.errors.OpError):
-                stats.unreadable_images.append(image_path)
-                continue
-            writers[written % num_shards].write(encode_example(image, caption))
-            stats.records_per_shard[written % num_shards] += 1
-            written += 1
-    finally:
-        for writer in writers:
-            writer.close()
-    return stats
+    return WriteStats(report.paths, report.records_per_shard, skipped)
 
 
 def expand_files(files: str | Sequence[str]) -> list[str]:

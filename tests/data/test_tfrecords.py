@@ -9,7 +9,13 @@ import pytest
 import tensorflow as tf
 
 from data.pipeline import make_local_iterator
-from data.tfrecords import TFRecordSource, read_manifest, write_shards
+from data.tfrecords import (
+    ShardWriter,
+    TFRecordSource,
+    encode_example,
+    read_manifest,
+    write_shards,
+)
 from tests.data.helpers import encode_image, labelled_image, tfrecord_config
 
 INDEX_PP = "decode|resize(8)|value_range(0, 255)|tokenize(max_len=8)"
@@ -37,17 +43,44 @@ def parse_plain(path):
     return out
 
 
-def test_read_manifest_csv_and_jsonl_resolve_relative_paths(tmp_path):
+def test_read_manifest_csv_tsv_jsonl_resolve_relative_paths_and_leave_out_bad_rows(tmp_path):
     pairs = make_images(tmp_path, 3)
     csv_path = tmp_path / "pairs.csv"
-    csv_path.write_text("image,caption\n" + "".join(f'{p},"{c}, ok"\n' for p, c in pairs))
+    csv_path.write_text(
+        "image,caption\n" + "".join(f'{p},"{c}, ok"\n' for p, c in pairs) + "img/0.png,\n"
+    )
+    tsv_path = tmp_path / "pairs.tsv"
+    tsv_path.write_text("caption\timage\n" + "".join(f"{c}\t{p}\n" for p, c in pairs))
     jsonl_path = tmp_path / "pairs.jsonl"
-    jsonl_path.write_text("".join(json.dumps({"image": p, "caption": c}) + "\n" for p, c in pairs))
+    jsonl_path.write_text(
+        "".join(json.dumps({"image": p, "caption": c}) + "\n" for p, c in pairs) + "{broken\n"
+    )
     expected = [(str(tmp_path / p), c) for p, c in pairs]
     assert read_manifest(csv_path) == [(p, c + ", ok") for p, c in expected]
+    assert read_manifest(tsv_path) == expected
     assert read_manifest(jsonl_path) == expected
     with pytest.raises(ValueError, match="caption"):
         read_manifest(csv_path, caption_column="text")
+
+
+def test_shard_writer_publishes_complete_shards_only(tmp_path):
+    prefix = str(tmp_path / "out" / "pairs")
+    with ShardWriter(prefix, num_shards=2) as writer:
+        for i in range(3):
+            writer.write(encode_example(b"image", f"caption {i}"))
+        assert not tf.io.gfile.glob(f"{prefix}-*.tfrecord")  # still under temporary names
+        assert len(tf.io.gfile.glob(f"{prefix}-*.tfrecord.tmp-*")) == 2
+    assert writer.records_per_shard == [2, 1]
+    assert sorted(tf.io.gfile.listdir(str(tmp_path / "out"))) == [
+        "pairs-00000-of-00002.tfrecord",
+        "pairs-00001-of-00002.tfrecord",
+    ]
+    assert [c for _, c in parse_plain(writer.paths[0])] == ["caption 0", "caption 2"]
+
+    with pytest.raises(RuntimeError), ShardWriter(str(tmp_path / "failed" / "pairs"), 2) as writer:
+        writer.write(encode_example(b"image", "caption"))
+        raise RuntimeError("interrupted")
+    assert tf.io.gfile.listdir(str(tmp_path / "failed")) == []
 
 
 def test_write_shards_round_robin_keeps_bytes_and_lists_unreadable(tmp_path):

@@ -1,4 +1,4 @@
-"""scripts.make_tfrecords, scripts.train_tokenizer and scripts.inspect_data end to end."""
+"""scripts.train_tokenizer and scripts.inspect_data end to end."""
 
 from __future__ import annotations
 
@@ -10,75 +10,11 @@ import sys
 import sentencepiece as spm
 import tensorflow as tf
 
-from scripts import inspect_data, make_tfrecords, train_tokenizer
+from scripts import inspect_data, train_tokenizer
 from tests import REPO
 from tests.data.helpers import encode_image, labelled_image, make_fashion_dir
 
 FASHION_CONFIG = str(REPO / "configs" / "data_fashion_mnist.py")
-
-
-def test_make_tfrecords_from_csv_and_jsonl(tmp_path, capsys):
-    (tmp_path / "img").mkdir()
-    for i in range(5):
-        (tmp_path / "img" / f"{i}.png").write_bytes(encode_image(labelled_image(i)))
-    (tmp_path / "pairs.csv").write_text(
-        "image,caption\n" + "".join(f"img/{i}.png,caption {i}\n" for i in range(5))
-    )
-    assert (
-        make_tfrecords.main(
-            [
-                "--input",
-                str(tmp_path / "pairs.csv"),
-                "--num_shards",
-                "2",
-                "--output",
-                str(tmp_path / "out" / "csv"),
-            ]
-        )
-        == 0
-    )
-    shards = sorted((tmp_path / "out").glob("csv-*.tfrecord"))
-    assert [s.name for s in shards] == [
-        "csv-00000-of-00002.tfrecord",
-        "csv-00001-of-00002.tfrecord",
-    ]
-    captions = sorted(
-        tf.train.Example.FromString(raw).features.feature["caption"].bytes_list.value[0].decode()
-        for raw in tf.data.TFRecordDataset([str(s) for s in shards]).as_numpy_iterator()
-    )
-    assert captions == [f"caption {i}" for i in range(5)]
-    assert "wrote 5 records into 2 shards" in capsys.readouterr().out
-
-    (tmp_path / "pairs.jsonl").write_text(
-        "".join(json.dumps({"path": f"img/{i}.png", "text": f"jsonl {i}"}) + "\n" for i in range(3))
-    )
-    assert (
-        make_tfrecords.main(
-            [
-                "--input",
-                str(tmp_path / "pairs.jsonl"),
-                "--output",
-                str(tmp_path / "out" / "jl"),
-                "--image_column",
-                "path",
-                "--caption_column",
-                "text",
-            ]
-        )
-        == 0
-    )
-    written = tf.data.TFRecordDataset(str(tmp_path / "out" / "jl-00000-of-00001.tfrecord"))
-    assert len(list(written)) == 3
-
-
-def test_make_tfrecords_fails_when_nothing_is_readable(tmp_path):
-    (tmp_path / "pairs.csv").write_text("image,caption\nmissing.png,lost\n")
-    assert (
-        make_tfrecords.main(
-            ["--input", str(tmp_path / "pairs.csv"), "--output", str(tmp_path / "out")]
-        )
-        == 1
-    )
 
 
 def test_train_tokenizer_writes_a_pad_zero_model(tmp_path, capsys):
