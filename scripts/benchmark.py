@@ -1,9 +1,15 @@
 """Benchmarks, printed as JSON: wall-clock medians and XLA's compiled peak memory.
 
     python -m scripts.benchmark loss --batch 1024 --dim 512 --samples 16 64 [--json]
-    python -m scripts.benchmark step --config configs/bench_ti.py [--loss clip|hetxl] [--json]
-
+    python -m scripts.benchmark step --config configs/bench_ti.py[:arg] [--loss clip|hetxl] [--json]
+        [--config.a.b=value ...]
     python -m scripts.benchmark loop --config configs/bench_ti.py [--loss ...] [--steps 20] --json
+
+`step` and `loop` build the config's model, loss and optimizer as training does, with any
+--config.a.b=value overrides applied. --loss is appended to the config's argument ("FILE.py:a=1"
+becomes "FILE.py:a=1,loss=clip", the last key winning); a config whose get_config ignores it is
+refused. The learning-rate schedule needs the run's length in steps: a config given in epochs
+reads its training source's size, or give --config.total_steps=N.
 
 `loop`: the cost of the train loop around the compiled step. The same compiled step runs
 --steps times three ways: `bare` (dispatched back to back, one wait at the end), `trainer` (with
@@ -31,24 +37,17 @@ import json
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from scripts import HOST_MEMORY_KEPT, terminal
+from scripts.config_loader import OVERRIDE_HELP, load_config, parse_args_with_overrides
 
-from contrastive.losses import make_loss, shard_loss
-from contrastive.mesh import batch_sharding, make_mesh, replicated
-from contrastive.optim import make_optimizer
-from contrastive.step import init_train_state, make_train_step
-from contrastive.trainer import PreemptionWatch, build_task, validate_config
-from contrastive.xla_stats import peak_bytes
-from models.heteroscedastic import NoiseParameters
-from models.two_towers import example_inputs
-from scripts import HOST_MEMORY_KEPT
-from scripts.config_loader import load_config
+# jax and the project's packages are imported where used, after main has parsed its flags and
+# silenced TensorFlow's start-up logs (scripts/terminal.py); --help loads none of them.
 
 
 def median_call_ms(fn, *args, repeats: int) -> float:
     """Median wall time of fn(*args) in milliseconds, after one warm-up call."""
+    import jax
+
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
@@ -60,6 +59,13 @@ def median_call_ms(fn, *args, repeats: int) -> float:
 
 def random_loss_inputs(mesh, batch: int, dim: int, factors: int, seed: int = 0) -> dict:
     """Unit-norm embeddings and modest HET-XL noise, placed batch-sharded on the mesh."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from contrastive.mesh import batch_sharding, replicated
+    from models.heteroscedastic import NoiseParameters
+
     rng = np.random.default_rng(seed)
 
     def unit(x):
@@ -81,6 +87,12 @@ def random_loss_inputs(mesh, batch: int, dim: int, factors: int, seed: int = 0) 
 
 
 def benchmark_losses(args) -> list[dict]:
+    import jax
+
+    from contrastive.losses import make_loss, shard_loss
+    from contrastive.mesh import make_mesh
+    from contrastive.xla_stats import peak_bytes
+
     mesh = make_mesh()
     if args.batch % mesh.size:
         raise SystemExit(f"--batch {args.batch} must be a multiple of the {mesh.size} devices")
@@ -116,17 +128,47 @@ def benchmark_losses(args) -> list[dict]:
     return rows
 
 
-def compiled_step(args):
+def config_spec(config: str, loss: str | None) -> str:
+    """The --config spec with loss=LOSS appended to its argument, if a loss is given."""
+    if loss is None:
+        return config
+    path, _, arg = config.partition(":")
+    return f"{path}:{arg},loss={loss}" if arg else f"{path}:loss={loss}"
+
+
+def load_benchmark_config(args, overrides) -> tuple[str, dict]:
+    """(spec, validated config values) of --config with --loss and the overrides applied."""
+    from contrastive.trainer import validate_config
+
+    spec = config_spec(args.config, args.loss)
+    values = validate_config(load_config(spec, overrides))
+    built = (values.get("loss") or {}).get("name")
+    if args.loss is not None and built != args.loss:
+        raise SystemExit(
+            f"error: --loss {args.loss}: {spec} builds a {built} loss; its get_config does not "
+            "read a loss=... argument, so choose the loss in the config instead"
+        )
+    return spec, values
+
+
+def compiled_step(args, overrides=()):
     """(spec, values, mesh, compiled step, state, device batch) for the config's train step on a
     random batch of its shapes."""
-    arg = f"loss={args.loss}" if args.loss else None
-    spec = args.config if ":" in args.config or not arg else f"{args.config}:{arg}"
-    values = validate_config(load_config(spec))
+    import jax
+    import numpy as np
+
+    from contrastive.mesh import batch_sharding, make_mesh
+    from contrastive.optim import make_optimizer
+    from contrastive.step import init_train_state, make_train_step
+    from contrastive.trainer import build_task, resolve_total_steps
+    from models.two_towers import example_inputs
+
+    spec, values = load_benchmark_config(args, overrides)
     mesh = make_mesh(values.get("mesh"))
     task = build_task(values, mesh)
     rng = jax.random.key(0)
     optimizer, _ = make_optimizer(
-        dict(values["optim"]), values["total_steps"], jax.eval_shape(task.init_params, rng)
+        dict(values["optim"]), resolve_total_steps(values), jax.eval_shape(task.init_params, rng)
     )
     state, shardings = init_train_state(task.init_params, optimizer, rng, mesh)
     step = make_train_step(task.objective, optimizer, mesh, shardings)
@@ -144,9 +186,13 @@ def compiled_step(args):
     return spec, values, mesh, compiled, state, batch
 
 
-def benchmark_step(args) -> list[dict]:
+def benchmark_step(args, overrides=()) -> list[dict]:
     """The full train step (both towers, loss, AdamW update) of a config on random batches."""
-    spec, values, mesh, compiled, state, batch = compiled_step(args)
+    import jax
+
+    from contrastive.xla_stats import peak_bytes
+
+    spec, values, mesh, compiled, state, batch = compiled_step(args, overrides)
     times = []
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
@@ -171,10 +217,14 @@ def benchmark_step(args) -> list[dict]:
     ]
 
 
-def benchmark_loop(args) -> list[dict]:
+def benchmark_loop(args, overrides=()) -> list[dict]:
     """Step time of the compiled step alone, inside the trainer's loop, and with a host sync
     after every step (see the module docstring)."""
-    spec, values, mesh, compiled, state, batch = compiled_step(args)
+    import jax
+
+    from contrastive.trainer import PreemptionWatch
+
+    spec, values, mesh, compiled, state, batch = compiled_step(args, overrides)
     state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
 
@@ -237,7 +287,11 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="step and loop take --config FILE.py[:arg] and --config.a.b=value overrides "
+        "of its fields; see `benchmark step --help`",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     loss = commands.add_parser("loss", help="contrastive losses: value + gradient")
     loss.add_argument("--batch", type=int, required=True, help="global batch")
@@ -249,25 +303,38 @@ def main(argv: list[str] | None = None) -> None:
     loss.add_argument("--repeats", type=int, default=10)
     loss.add_argument("--json", action="store_true")
     step = commands.add_parser("step", help="the whole train step of a config")
-    step.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
+    step.add_argument("--config", required=True, help=OVERRIDE_HELP)
     step.add_argument(
         "--loss",
         choices=("clip", "siglip", "hetxl"),
         default=None,
-        help="passed to the config as its loss=... argument",
+        help="appended to the config's argument as loss=... (it wins over one given there)",
     )
     step.add_argument("--repeats", type=int, default=10)
     step.add_argument("--json", action="store_true")
     loop = commands.add_parser("loop", help="the train loop's cost around the compiled step")
-    loop.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
-    loop.add_argument("--loss", choices=("clip", "siglip", "hetxl"), default=None)
+    loop.add_argument("--config", required=True, help=OVERRIDE_HELP)
+    loop.add_argument(
+        "--loss",
+        choices=("clip", "siglip", "hetxl"),
+        default=None,
+        help="appended to the config's argument as loss=... (it wins over one given there)",
+    )
     loop.add_argument("--steps", type=int, default=20, help="steps per variant")
     loop.add_argument("--log_every", type=int, default=10, help="steps between sync points")
     loop.add_argument("--rounds", type=int, default=2, help="timed rounds (best one reported)")
     loop.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    run = {"loss": benchmark_losses, "step": benchmark_step, "loop": benchmark_loop}
-    rows = run[args.command](args)
+    for command in (loss, step, loop):
+        terminal.add_verbose_flag(command)
+    args, overrides = parse_args_with_overrides(parser, argv)
+    if args.command == "loss" and overrides:
+        parser.error(f"benchmark loss reads no config: {overrides[0]!r} applies to nothing")
+    terminal.quiet_libraries(args.verbose)
+    if args.command == "loss":
+        rows = benchmark_losses(args)
+    else:
+        run = {"step": benchmark_step, "loop": benchmark_loop}
+        rows = run[args.command](args, overrides)
     print(json.dumps(rows) if args.json else format_rows(rows))
 
 

@@ -2,18 +2,72 @@
 
     config = load_config("configs/demo.py:loss=clip", ["optim.lr=3e-4", "total_steps=100"])
 
+On a command line the overrides follow --config as "--config.a.b=value" (or "--config.a.b value");
+`split_overrides` takes them out of argv before argparse sees the rest.
+
 Overrides are parsed as Python literals (falling back to a plain string) and must name an existing
-field; ml_collections then refuses a value of the wrong type, naming the field.
+field; ml_collections then refuses a value of the wrong type, naming the field. The training
+length is the exception: a config holds exactly one of total_steps, total_epochs and
+total_examples, so overriding any of them sets it (added if absent) and removes the other two.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib.util
+import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
+
+OVERRIDE_HELP = (
+    "configs/NAME.py[:arg]; override any field with --config.a.b=value (e.g. "
+    "--config.optim.lr=3e-4); --config.total_steps, --config.total_epochs or "
+    "--config.total_examples replaces the config's training length"
+)
+
+
+def add_config_flag(
+    parser: argparse.ArgumentParser, *, default: str | None = None
+) -> argparse.Action:
+    """Adds --config (required unless a default is given), its help naming the override form."""
+    return parser.add_argument(
+        "--config", required=default is None, default=default, help=OVERRIDE_HELP
+    )
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separates "--config.a.b=value" (or "--config.a.b value") overrides from other arguments:
+    returns (["a.b=value", ...], the other arguments in order)."""
+    overrides, rest = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg.startswith("--config."):
+            body = arg[len("--config.") :]
+            if "=" not in body:
+                value = next(args, None)
+                if value is None:
+                    raise ValueError(f"{arg} needs a value: {arg}=VALUE or {arg} VALUE")
+                body = f"{body}={value}"
+            overrides.append(body)
+        else:
+            rest.append(arg)
+    return overrides, rest
+
+
+def parse_args_with_overrides(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, list[str]]:
+    """parser.parse_args on argv (default: sys.argv[1:]) without its --config.a.b overrides;
+    returns (args, overrides). A malformed override exits like any bad flag."""
+    try:
+        overrides, rest = split_overrides(sys.argv[1:] if argv is None else argv)
+    except ValueError as error:
+        parser.error(str(error))
+    return parser.parse_args(rest), overrides
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -39,10 +93,19 @@ def parse_value(text: str):
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
-    """Set config.<dotted key> from "dotted.key=value"; unknown keys and bad types raise."""
+    """Set config.<dotted key> from "dotted.key=value"; unknown keys and bad types raise.
+
+    A top-level duration (total_steps, total_epochs, total_examples) replaces the others."""
+    # Imported here: the schema module loads TensorFlow, which entry points import only after
+    # parsing their flags (scripts/terminal.py).
+    from contrastive.config_schema import DURATIONS
+
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise ValueError(f"override {override!r} is not key=value")
+    if key in DURATIONS:
+        _set_duration(config, key, text, override)
+        return
     *parents, leaf = key.split(".")
     node = config
     for depth, part in enumerate(parents):
@@ -65,3 +128,26 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
         node[leaf] = value
     except TypeError as error:
         raise TypeError(f"override {override!r}: {error}") from error
+
+
+def _set_duration(config: ml_collections.ConfigDict, key: str, text: str, override: str) -> None:
+    from contrastive.config_schema import DURATIONS
+
+    value = parse_value(text)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"override {override!r}: {key} must be a number, got {text!r}")
+    if key != "total_epochs":
+        if not float(value).is_integer():
+            raise TypeError(f"override {override!r}: {key} must be a whole number, got {text!r}")
+        value = int(value)
+    if value <= 0:
+        raise ValueError(f"override {override!r}: {key} must be positive, got {text!r}")
+    with config.unlocked():
+        for other in DURATIONS:
+            if other != key and other in config:
+                del config[other]
+        # Removed first: ml_collections keeps a field's type, and total_epochs may be an int
+        # in one config and a float in the override.
+        if key in config:
+            del config[key]
+        config[key] = value

@@ -2,6 +2,7 @@
 write the curves to WORKDIR/curves.png.
 
     python -m scripts.demo [--workdir workdirs/demo] [--config configs/demo.py:loss=hetxl]
+        [--config.a.b=value ...]
 
 A workdir that already holds a finished run is not retrained (training resumes from its latest
 checkpoint, which is the last step); the table and the plot are made again. On several processes
@@ -15,7 +16,7 @@ import json
 import time
 
 from scripts import distributed, terminal
-from scripts.config_loader import load_config
+from scripts.config_loader import add_config_flag, load_config, parse_args_with_overrides
 
 TARGET_TOP1 = 0.80
 
@@ -23,10 +24,10 @@ TARGET_TOP1 = 0.80
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="workdirs/demo")
-    parser.add_argument("--config", default="configs/demo.py")
+    add_config_flag(parser, default="configs/demo.py")
     distributed.add_flags(parser)
     terminal.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
+    args, overrides = parse_args_with_overrides(parser, argv)
     terminal.quiet_libraries(args.verbose)
     distributed.initialize(args)  # before anything starts a jax backend
     # Imported after parsing: --help stays fast and the logging settings above apply.
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from scripts import zeroshot_eval
 
     start = time.perf_counter()
-    train(load_config(args.config), args.workdir)
+    train(load_config(args.config, overrides), args.workdir)
     train_minutes = (time.perf_counter() - start) / 60
     report = zeroshot_eval.evaluate(args.workdir)
     if jax.process_index() != 0:  # every process evaluated its share; process 0 reports

@@ -2,6 +2,7 @@
 
     python -m scripts.inspect_data --config configs/data_fashion_mnist.py [--batches 20] [--json]
     python -m scripts.inspect_data --config configs/data_fashion_mnist.py:split=test
+        [--config.input.batch_size=64 ...]
 
 The config file exposes get_config(arg) returning an ml_collections.ConfigDict with an `input`
 block (data/config.py). Batches are built as global arrays on a 1-D "data" mesh of all devices,
@@ -18,16 +19,18 @@ import sys
 import time
 from typing import Any
 
-import jax
-import numpy as np
-
-from data.config import validate_input_config
-from data.pipeline import make_global_iterator
-from scripts.config_loader import load_config
+from scripts import terminal
+from scripts.config_loader import add_config_flag, load_config, parse_args_with_overrides
 
 
 def inspect(config: Any, num_batches: int) -> dict[str, Any]:
     """Reads num_batches global batches of config.input; returns the report as a dict."""
+    import jax
+    import numpy as np
+
+    from data.config import validate_input_config
+    from data.pipeline import make_global_iterator
+
     if num_batches < 1:
         raise ValueError("--batches must be >= 1")
     cfg = validate_input_config(config.input)
@@ -60,12 +63,14 @@ def inspect(config: Any, num_batches: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="config file, optionally FILE.py:ARG")
+    add_config_flag(parser)
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+    terminal.add_verbose_flag(parser)
+    args, overrides = parse_args_with_overrides(parser, argv)
+    terminal.quiet_libraries(args.verbose)
 
-    report = inspect(load_config(args.config), args.batches)
+    report = inspect(load_config(args.config, overrides), args.batches)
     if args.json:
         print(json.dumps(report))
         return 0

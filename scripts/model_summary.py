@@ -1,6 +1,6 @@
 """Parameter counts and FLOPs of a config's two-tower model.
 
-    python -m scripts.model_summary --config configs/clip_hetxl.py [--json]
+    python -m scripts.model_summary --config configs/clip_hetxl.py [--config.a.b=value ...] [--json]
 
 Counts come from the model's parameter shapes (jax.eval_shape, nothing is allocated); FLOPs per
 example from XLA's cost analysis of each tower's compiled forward pass on one example.
@@ -16,7 +16,7 @@ import json
 import math
 
 from scripts import distributed, terminal
-from scripts.config_loader import load_config
+from scripts.config_loader import add_config_flag, load_config, parse_args_with_overrides
 
 
 def count(tree) -> int:
@@ -71,16 +71,16 @@ def summarize(model_config) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
+    add_config_flag(parser)
     parser.add_argument("--json", action="store_true")
     distributed.add_flags(parser)
     terminal.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
+    args, overrides = parse_args_with_overrides(parser, argv)
     terminal.quiet_libraries(args.verbose)
     # Run on every host of a TPU slice, the hosts must join before any of them compiles: the
     # TPU backend of a multi-host slice does not start in one process alone.
     distributed.initialize(args)
-    config = load_config(args.config)
+    config = load_config(args.config, overrides)
     summary = summarize(config.model.to_dict())
     import jax
 

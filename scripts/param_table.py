@@ -12,15 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from typing import TYPE_CHECKING
 
-import jax
-import jax.numpy as jnp
-
-from models.heteroscedastic import HeteroscedasticHead, NoiseConfig, TemperatureConfig
+# jax and the models are imported where used: --help stays fast. This script never loads
+# TensorFlow, so it has none of its start-up logs to silence.
+if TYPE_CHECKING:
+    from models.heteroscedastic import HeteroscedasticHead
 
 
 def count_head_parameters(head: HeteroscedasticHead, dim: int) -> int:
     """Number of scalars in the head's parameters for pre-logits of dimension dim."""
+    import jax
+    import jax.numpy as jnp
+
     key = jax.random.key(0)
     shapes = jax.eval_shape(
         lambda: head.init({"params": key, "noise": key}, jnp.zeros((1, dim)))["params"]
@@ -36,6 +40,8 @@ def parameter_rows(
     DET is the plain linear classifier (W, b); HET and HET-XL carry the learned temperature when
     learned_temperature is set, so their extras include its one parameter.
     """
+    from models.heteroscedastic import HeteroscedasticHead, NoiseConfig, TemperatureConfig
+
     noise = NoiseConfig(num_factors=factors, parameter_efficient=not full)
     temperature = TemperatureConfig("bounded" if learned_temperature else "fixed")
     rows = []

@@ -12,30 +12,16 @@ import argparse
 import sys
 
 from scripts import distributed, terminal
-from scripts.config_loader import load_config
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate "--config.a.b=value" (or "--config.a.b value") overrides from other arguments."""
-    overrides, rest = [], []
-    args = iter(argv)
-    for arg in args:
-        if arg.startswith("--config."):
-            body = arg[len("--config.") :]
-            overrides.append(body if "=" in body else f"{body}={next(args)}")
-        else:
-            rest.append(arg)
-    return overrides, rest
+from scripts.config_loader import add_config_flag, load_config, parse_args_with_overrides
 
 
 def main(argv: list[str] | None = None) -> int:
-    overrides, rest = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
+    add_config_flag(parser)
     parser.add_argument("--workdir", required=True)
     distributed.add_flags(parser)
     terminal.add_verbose_flag(parser)
-    args = parser.parse_args(rest)
+    args, overrides = parse_args_with_overrides(parser, argv)
     terminal.quiet_libraries(args.verbose)
     distributed.initialize(args)  # before anything starts a jax backend
     # Imported after parsing: --help stays fast and the logging settings above apply.

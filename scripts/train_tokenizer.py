@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data.tokenizers import train_sentencepiece
+from scripts import terminal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         "--model_type", default="unigram", choices=["unigram", "bpe", "word", "char"]
     )
     parser.add_argument("--character_coverage", type=float, default=1.0)
+    terminal.add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    terminal.quiet_libraries(args.verbose)
+    # Imported after parsing: --help stays fast and the logging settings above apply.
+    from data.tokenizers import train_sentencepiece
 
     if not Path(args.input).is_file():
         print(f"error: no file {args.input}", file=sys.stderr)

@@ -26,18 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
+from scripts import distributed, terminal
 
-from contrastive import storage
-from contrastive.evaluators.build import build_evaluator, training_text_encoding, zeroshot_texts
-from contrastive.evaluators.datasets import caption_dataset, classification_dataset
-from contrastive.evaluators.inputs import caption_eval_pp, eval_input, label_eval_pp
-from contrastive.evaluators.reliability import plot_reliability
-from contrastive.trainer import TrainedRun, load_trained
-from data.zeroshot_texts import check_templates, clip_templates
-from scripts import distributed
+# jax, TensorFlow and the project's packages are imported where used, after main has parsed its
+# flags and silenced their start-up logs (scripts/terminal.py); --help loads none of them.
+if TYPE_CHECKING:
+    from contrastive.trainer import TrainedRun
 
 DEFAULT_BATCH_SIZE = 256
 # Per-class rows printed in the table; larger datasets keep them in the JSON report only.
@@ -62,6 +58,10 @@ def evaluate(
     dataset's. Keys: "step", "dataset", "classes", "templates" (their number), and the
     metrics of ZeroShotEvaluator.evaluate ("top1", "top5", "nll", "ece", "brier",
     "num_examples", "per_class_top1", "per_class_examples", "reliability", "mc_*")."""
+    from contrastive.evaluators.build import build_evaluator, zeroshot_texts
+    from contrastive.evaluators.datasets import classification_dataset
+    from contrastive.evaluators.inputs import eval_input, label_eval_pp
+
     # The dataset is resolved first: a bad name fails before the checkpoint is read.
     spec = None if dataset is None else classification_dataset(dataset, data_dir, split)
     run = _contrastive_run(workdir, step)
@@ -116,6 +116,10 @@ def evaluate_retrieval(
 ) -> dict[str, Any]:
     """Recall@1/5/10 of the run in workdir on image-caption pairs: {"step", "dataset",
     "image_to_text_r1", ..., "text_to_image_r10", "num_pairs"}."""
+    from contrastive.evaluators.build import build_evaluator, training_text_encoding
+    from contrastive.evaluators.datasets import caption_dataset
+    from contrastive.evaluators.inputs import caption_eval_pp, eval_input
+
     spec = caption_dataset(dataset, data_dir, split)
     run = _contrastive_run(workdir, step)
     text = training_text_encoding(run.values)
@@ -134,6 +138,8 @@ def evaluate_retrieval(
 
 
 def _contrastive_run(workdir: str, step: int | None) -> TrainedRun:
+    from contrastive.trainer import load_trained
+
     run = load_trained(workdir, step)
     if run.values["task"] != "contrastive":
         raise ValueError(f"{workdir} holds a {run.values['task']} run, not a two-tower model")
@@ -152,12 +158,16 @@ def _own_zeroshot_block(run: TrainedRun, name: str | None) -> tuple[str, dict]:
 
 def _default_batch_size(run: TrainedRun) -> int:
     """DEFAULT_BATCH_SIZE rounded up to a multiple of the devices and processes."""
+    import jax
+
     unit = math.lcm(run.mesh.size, jax.process_count())
     return -(-DEFAULT_BATCH_SIZE // unit) * unit
 
 
 def read_lines(path: str) -> list[str]:
     """The non-empty lines of a text file (local path or URL), stripped."""
+    from contrastive import storage
+
     lines = [line.strip() for line in storage.read_text(path).splitlines()]
     lines = [line for line in lines if line]
     if not lines:
@@ -167,6 +177,8 @@ def read_lines(path: str) -> list[str]:
 
 def read_templates(spec: str) -> list[str]:
     """CLIP's 80 ImageNet templates for "clip80", else a file of templates, each with "{c}"."""
+    from data.zeroshot_texts import check_templates, clip_templates
+
     templates = clip_templates() if spec == "clip80" else read_lines(spec)
     check_templates(templates)
     return templates
@@ -222,6 +234,8 @@ def format_retrieval(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: str) -> str:
     """Reliability diagrams of the report: the softmax at tau and, with MC, the MC prediction."""
+    from contrastive.evaluators.reliability import plot_reliability
+
     panels = {"softmax at tau": {"reliability": report["reliability"], "ece": report["ece"]}}
     if "mc_samples" in report:
         panels[f"HET-XL MC, {report['mc_samples']} samples"] = {
@@ -248,10 +262,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT")
     parser.add_argument("--plot", default=None, metavar="PNG", help="reliability diagram")
     distributed.add_flags(parser)
+    terminal.add_verbose_flag(parser)
     args = parser.parse_args(argv)
-    distributed.initialize(args)
     if args.plot and args.retrieval:
         parser.error("--plot draws reliability diagrams of zero-shot classification")
+    terminal.quiet_libraries(args.verbose)
+    distributed.initialize(args)  # before anything starts a jax backend
+    import jax
+
+    from contrastive import storage
+
     try:
         if args.retrieval:
             if args.dataset is None:

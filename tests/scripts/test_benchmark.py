@@ -1,4 +1,5 @@
-"""scripts.benchmark's loss command: one JSON object per loss (and per HET-XL sample count)."""
+"""scripts.benchmark: the loss command (one JSON object per loss and HET-XL sample count), the
+step command on a config in epochs with --loss and overrides, and the loop command."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from scripts import benchmark
 from tests.contrastive.test_trainer import contrastive_config, fashion_dir  # noqa: F401
+from tests.scripts.test_entry_points import tiny_demo_overrides
 
 
 def test_loss_benchmark_prints_one_row_per_loss_and_sample_count(capsys):
@@ -54,3 +56,39 @@ def test_loop_benchmark_times_the_bare_step_the_trainer_loop_and_a_per_step_sync
     assert row["trainer_overhead"] == pytest.approx(
         row["trainer_step_ms"] / row["bare_step_ms"] - 1, abs=2e-3
     )
+
+
+def test_loss_benchmark_refuses_config_overrides(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["loss", "--batch", "16", "--dim", "8", "--config.total_steps=3"])
+    assert "'total_steps=3' applies to nothing" in capsys.readouterr().err
+
+
+def test_step_benchmark_applies_loss_and_overrides_to_a_config_in_epochs(
+    fashion_dir,  # noqa: F811
+    capsys,
+):
+    # configs/demo.py gives its length in epochs (of the 64 examples written) and takes
+    # arguments: --loss must still reach it, after them.
+    spec = f"configs/demo.py:data_dir={fashion_dir},batch=16"
+    argv = ["step", "--config", spec, "--loss", "clip", "--repeats", "1", "--json"]
+    argv += tiny_demo_overrides(hetxl=False) + ["--config.input.batch_size=8"]
+    benchmark.main(argv)
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["config"] == f"{spec},loss=clip"
+    assert (row["loss"], row["batch"], row["devices"]) == ("clip", 8, 8)
+    assert row["step_ms"] > 0 and row["peak_bytes"] > 0
+    assert row["images_per_sec"] == pytest.approx(8 / row["step_ms"] * 1e3, rel=0.01)
+
+
+def test_step_benchmark_refuses_a_loss_its_config_does_not_read(
+    fashion_dir,  # noqa: F811
+    tmp_path,
+):
+    config = contrastive_config(fashion_dir, "hetxl")
+    (tmp_path / "fixed.py").write_text(
+        "import ml_collections\n"
+        f"def get_config(arg=None):\n    return ml_collections.ConfigDict({config.to_dict()!r})\n"
+    )
+    with pytest.raises(SystemExit, match="--loss clip: .* builds a hetxl loss"):
+        benchmark.main(["step", "--config", str(tmp_path / "fixed.py"), "--loss", "clip"])

@@ -74,3 +74,15 @@ def test_scanned_towers_report_the_flops_of_all_their_layers(tmp_path, capsys):
         flops[scan] = json.loads(capsys.readouterr().out)["image_flops_per_example"]
     # XLA counts a loop body once; the summary must still count all 12 layers.
     assert flops[True] == pytest.approx(flops[False], rel=1e-3)
+
+
+def test_overrides_reach_the_model(tmp_path, capsys):
+    path = tmp_path / "config.py"
+    path.write_text(CONFIG)
+    model_summary.main(
+        ["--config", str(path), "--config.model.embed_dim=32"]
+        + ["--config.model.noise.num_factors", "3", "--json"]
+    )
+    summary = json.loads(capsys.readouterr().out)
+    dim, factors = 32, 3
+    assert summary["hetxl_extra_params"] == 2 * dim**2 + (factors + 3) * dim
