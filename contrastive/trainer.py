@@ -262,7 +262,10 @@ def train(config, workdir: str) -> TrainResult:
                 checkpointer.wait_until_finished()
                 raise FloatingPointError(
                     f"{int(state.nonfinite_in_a_row)} non-finite updates in a row at step {step}; "
-                    f"the last checkpoint holds finite parameters"
+                    "the last checkpoint holds finite parameters. Likely causes: a learning rate "
+                    "too high for the batch (optim.lr, a longer warmup), a temperature allowed "
+                    "too low (model.temperature), no gradient clipping (optim.clip_norm), or "
+                    "token ids past the text tower's vocabulary"
                 )
             if preemption.requested(step, sync_point):
                 save(step)

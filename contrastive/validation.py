@@ -186,7 +186,7 @@ def _derive_shapes(values: dict, train: InputConfig, task: str, problems: Proble
         tower["vocab_size"] = tokenizer_vocab
     elif isinstance(given, int) and given < tokenizer_vocab:
         problems.append(
-            f"model.text_tower.vocab_size={given} is smaller than tokenizer {spec!r}'s "
+            f"model.text_tower.vocab_size={given} is smaller than the {spec!r} tokenizer's "
             f"{tokenizer_vocab} ids (input.pp): larger ids would embed as NaN. Set it to "
             f"{tokenizer_vocab}, or leave it out to derive it"
         )

@@ -71,17 +71,30 @@ def parse_args_with_overrides(
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config of "path.py[:arg]" with the overrides applied; a missing file, a bad arg or a
+    bad override raises ConfigError (all bad overrides at once)."""
+    from data.config import ConfigError
+
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no config file {path}")
+        raise ConfigError(f"no config file {path} (--config takes configs/NAME.py[:arg])")
     module_spec = importlib.util.spec_from_file_location(f"config_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise AttributeError(f"config file {path!r} has no get_config()")
-    config = module.get_config(arg) if arg else module.get_config()
+        raise ConfigError(f"config file {path!r} has no get_config()")
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except ValueError as error:  # get_config's own check of its argument
+        raise ConfigError(f"{spec}: {error}") from None
+    problems = []
     for override in overrides:
-        apply_override(config, override)
+        try:
+            apply_override(config, override)
+        except ConfigError as error:
+            problems += error.problems
+    if problems:
+        raise ConfigError(problems)
     return config
 
 
@@ -93,16 +106,18 @@ def parse_value(text: str):
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
-    """Set config.<dotted key> from "dotted.key=value"; unknown keys and bad types raise.
+    """Set config.<dotted key> from "dotted.key=value"; unknown keys and bad types raise
+    ConfigError.
 
     A top-level duration (total_steps, total_epochs, total_examples) replaces the others."""
     # Imported here: the schema module loads TensorFlow, which entry points import only after
     # parsing their flags (scripts/terminal.py).
     from contrastive.config_schema import DURATIONS
+    from data.config import ConfigError
 
     key, sep, text = override.partition("=")
     if not sep or not key:
-        raise ValueError(f"override {override!r} is not key=value")
+        raise ConfigError(f"override {override!r} is not key=value")
     if key in DURATIONS:
         _set_duration(config, key, text, override)
         return
@@ -110,10 +125,12 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     node = config
     for depth, part in enumerate(parents):
         if part not in node:
-            raise KeyError(f"override {override!r}: config has no {'.'.join(parents[: depth + 1])}")
+            raise ConfigError(
+                f"override {override!r}: config has no {'.'.join(parents[: depth + 1])}"
+            )
         node = node[part]
     if leaf not in node:
-        raise KeyError(f"override {override!r}: config has no {key}")
+        raise ConfigError(f"override {override!r}: config has no {key}")
     value = parse_value(text)
     current = node[leaf]
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -123,25 +140,26 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
         and value is not None
         and isinstance(value, str) != isinstance(current, str)
     ):
-        raise TypeError(f"override {override!r}: {key} is {type(current).__name__}, got {text!r}")
+        raise ConfigError(f"override {override!r}: {key} is {type(current).__name__}, got {text!r}")
     try:
         node[leaf] = value
     except TypeError as error:
-        raise TypeError(f"override {override!r}: {error}") from error
+        raise ConfigError(f"override {override!r}: {error}") from None
 
 
 def _set_duration(config: ml_collections.ConfigDict, key: str, text: str, override: str) -> None:
     from contrastive.config_schema import DURATIONS
+    from data.config import ConfigError
 
     value = parse_value(text)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"override {override!r}: {key} must be a number, got {text!r}")
+        raise ConfigError(f"override {override!r}: {key} must be a number, got {text!r}")
     if key != "total_epochs":
         if not float(value).is_integer():
-            raise TypeError(f"override {override!r}: {key} must be a whole number, got {text!r}")
+            raise ConfigError(f"override {override!r}: {key} must be a whole number, got {text!r}")
         value = int(value)
     if value <= 0:
-        raise ValueError(f"override {override!r}: {key} must be positive, got {text!r}")
+        raise ConfigError(f"override {override!r}: {key} must be positive, got {text!r}")
     with config.unlocked():
         for other in DURATIONS:
             if other != key and other in config:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 from scripts import distributed, terminal
 from scripts.config_loader import add_config_flag, load_config, parse_args_with_overrides
@@ -94,4 +95,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(terminal.run(main))

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
@@ -55,3 +56,28 @@ def _stderr_to_devnull():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def run(main: Callable[[], int | None]) -> int:
+    """Runs an entry point's main and returns its exit status.
+
+    A mistake in the config or its overrides (ConfigError) prints "error: invalid config" and
+    one line per problem, exit status 2; a run halted on non-finite updates prints why, exit
+    status 3. Neither is a bug, so neither gets a traceback; everything else keeps its own.
+    """
+    try:
+        return main() or 0
+    except Exception as error:
+        from data.config import ConfigError  # the entry point has imported it by now
+
+        if isinstance(error, ConfigError):
+            lines = error.problems
+            count = f" ({len(lines)} problems)" if len(lines) > 1 else ""
+            print(f"error: invalid config{count}:", file=sys.stderr)
+            for line in lines:
+                print(f"  {line}", file=sys.stderr)
+            return 2
+        if isinstance(error, FloatingPointError):
+            print(f"error: {error}", file=sys.stderr)
+            return 3
+        raise

@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 
+from contrastive.config_schema import ConfigError
 from contrastive.trainer import resolve_total_steps, validate_config
 from scripts.config_loader import (
     add_config_flag,
@@ -48,12 +49,12 @@ def test_arg_and_overrides(path):
 @pytest.mark.parametrize(
     "override,error,match",
     [
-        ("total_stepz=3", KeyError, "total_stepz"),
-        ("optim.lrr=3", KeyError, "optim.lrr"),
-        ("nope.lr=3", KeyError, "nope"),
-        ("total_steps=many", TypeError, "total_steps"),
-        ("optim.name=3", TypeError, "optim.name"),
-        ("total_steps", ValueError, "key=value"),
+        ("total_stepz=3", ConfigError, "total_stepz"),
+        ("optim.lrr=3", ConfigError, "optim.lrr"),
+        ("nope.lr=3", ConfigError, "nope"),
+        ("total_steps=many", ConfigError, "total_steps"),
+        ("optim.name=3", ConfigError, "optim.name"),
+        ("total_steps", ConfigError, "key=value"),
     ],
 )
 def test_bad_overrides_name_the_culprit(path, override, error, match):
@@ -62,7 +63,7 @@ def test_bad_overrides_name_the_culprit(path, override, error, match):
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.py"):
+    with pytest.raises(ConfigError, match="nowhere.py"):
         load_config(str(tmp_path / "nowhere.py"))
 
 
@@ -110,12 +111,12 @@ def test_duration_overrides_keep_whole_steps_and_examples_and_allow_fractional_e
 @pytest.mark.parametrize(
     "override,error,match",
     [
-        ("total_steps=2.5", TypeError, "whole number"),
-        ("total_steps=many", TypeError, "must be a number"),
-        ("total_epochs=True", TypeError, "must be a number"),
-        ("total_epochs=None", TypeError, "must be a number"),
-        ("total_examples=0", ValueError, "positive"),
-        ("total_epochs=-1.0", ValueError, "positive"),
+        ("total_steps=2.5", ConfigError, "whole number"),
+        ("total_steps=many", ConfigError, "must be a number"),
+        ("total_epochs=True", ConfigError, "must be a number"),
+        ("total_epochs=None", ConfigError, "must be a number"),
+        ("total_examples=0", ConfigError, "positive"),
+        ("total_epochs=-1.0", ConfigError, "positive"),
     ],
 )
 def test_bad_durations_name_the_culprit(path, override, error, match):

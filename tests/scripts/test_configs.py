@@ -32,6 +32,10 @@ def test_config_validates(path, tmp_path):
             validate_config(load_config(spec))
         (tmp_path / "B_16.npz").write_bytes(b"")
         spec += f":npz={tmp_path / 'B_16.npz'}"
+    if path.stem == "pretrain":  # the user's own TFRecords are the one required arg
+        with pytest.raises(ValueError, match="needs files=GLOB"):
+            load_config(spec)
+        spec += ":files=pairs-*.tfrecord"
     values = validate_config(load_config(spec))
     assert values["task"] in ("contrastive", "classification")
 
@@ -120,6 +124,7 @@ EVAL_CASES = {
     "classify_tfds": ("configs/classify.py:dataset=tiny_labels,data_dir={tfds},classes=3", 5),
     "clip_hetxl": ("configs/clip_hetxl.py:imagenet_dir={tfds}", IMAGENET_VALIDATION),
     "lit_hetxl": ("configs/lit_hetxl.py:imagenet_dir={tfds},npz={npz}", IMAGENET_VALIDATION),
+    "pretrain": ("configs/pretrain.py:files=x.tfrecord,imagenet_dir={tfds}", IMAGENET_VALIDATION),
 }
 
 
@@ -127,7 +132,8 @@ def test_every_config_with_evaluators_is_covered():
     covered = {spec.split(":")[0] for spec, _ in EVAL_CASES.values()}
     for path in CONFIGS:
         if f"configs/{path.name}" not in covered:
-            assert not validate_config(load_config(str(path))).get("evals"), path.name
+            spec = f"{path}:files=x.tfrecord" if path.stem == "pretrain" else str(path)
+            assert not validate_config(load_config(spec)).get("evals"), path.name
 
 
 def tiny_model(values):
