@@ -6,6 +6,8 @@
     input            training input, see data/config.py
     model            contrastive: models.two_towers.MODEL_KEYS; classification: CLASSIFIER_KEYS
     model_init       {"image": None | {"npz": path, "dont_load": [...]}, "text": None | "minilm"}
+    init_from        a finished run's workdir: a new run starts from its latest parameters
+                     wherever names and shapes match (fresh optimizer, step 0)
     loss             contrastive: {"name": "clip" | "siglip" | "hetxl", **that loss's options}
     optim            see contrastive/optim.py
     total_steps | total_epochs | total_examples     exactly one of them
@@ -36,6 +38,7 @@ TOP_LEVEL = {
     "input": Mapping,
     "model": Mapping,
     "model_init": Mapping,
+    "init_from": str,
     "loss": Mapping,
     "optim": Mapping,
     "total_steps": int,

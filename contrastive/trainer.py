@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.experimental import multihost_utils
 
 from contrastive import storage
@@ -89,7 +89,8 @@ def check_resume_compatible(saved: Mapping[str, Any], values: Mapping[str, Any],
         raise ConfigError(
             f"{workdir} holds a run with a different {blocks} "
             f"({changes}{' ...' if len(differing) > 12 else ''}); nothing was changed. "
-            "Train it in a new --workdir, or resume this one with its own config."
+            "Train it in a new --workdir, or resume this one with its own config; to start a "
+            f"new run from this one's parameters, give the new run --config.init_from={workdir}"
         )
 
 
@@ -186,8 +187,11 @@ def train(config, workdir: str) -> TrainResult:
             train_iter.set_state(input_state)
         log_primary(f"resumed from step {latest} in {workdir}")
     else:
+        load_params = task.load_params
+        if values.get("init_from"):
+            load_params = warm_start(values["init_from"], load_params)
         state, shardings = init_train_state(
-            task.init_params, optimizer, rng, mesh, load_params=task.load_params
+            task.init_params, optimizer, rng, mesh, load_params=load_params
         )
     # Evaluation inputs are opened now (each reads until one record survives), not after training.
     evaluators = build_evaluators(values, task.model, mesh)
@@ -330,3 +334,30 @@ def load_trained(workdir: str, step: int | None = None, with_optimizer: bool = F
         params = checkpointer.restore_params(step, abstract_params(task.init_params, rng, mesh))
     checkpointer.close()
     return TrainedRun(values, task, mesh, params, step, state)
+
+
+def warm_start(source_workdir: str, then: Callable[[Any], Any] | None = None) -> Callable:
+    """A load_params function: every parameter whose "/"-joined name and shape match one of the
+    latest parameters of the run in source_workdir takes that value; the rest keep their init.
+    `then` (e.g. a LiT tower loader) runs first, so the source run has the last word."""
+
+    def load(params):
+        if then is not None:
+            params = then(params)
+        source = load_trained(source_workdir)
+        source_params = flatten_dict(
+            multihost_utils.process_allgather(source.params, tiled=True), sep="/"
+        )
+        flat = flatten_dict(params, sep="/")
+        taken = {
+            name: np.asarray(source_params[name], value.dtype)
+            for name, value in flat.items()
+            if name in source_params and np.shape(source_params[name]) == np.shape(value)
+        }
+        log_primary(
+            f"init_from {source_workdir} (step {source.step}): {len(taken)} of {len(flat)} "
+            "parameter arrays taken, the rest keep their initial values"
+        )
+        return unflatten_dict({**flat, **taken}, sep="/")
+
+    return load

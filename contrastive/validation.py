@@ -13,7 +13,7 @@ raises one ConfigError listing every problem, one line each, "key: rule". In ord
 5. the loss against the model (HET-XL needs model noise, SigLIP a bias), then one objective call
    traced abstractly on a batch of the configured shape;
 6. the run length and the optimizer against it and against the parameter names;
-7. files the config names (pretrained npz).
+7. files the config names (pretrained npz, the run init_from starts from).
 
 Nothing here compiles or reads a batch, so a broken config fails in seconds.
 """
@@ -360,6 +360,9 @@ def _first_line(error: BaseException) -> str:
 
 
 def _check_files(values: dict, problems: Problems) -> None:
+    init_from = values.get("init_from")
+    if isinstance(init_from, str) and not storage.exists(storage.join(init_from, "config.json")):
+        problems.append(f"init_from: {init_from} holds no config.json (it names a run's workdir)")
     image_init = (values.get("model_init") or {}).get("image")
     if isinstance(image_init, Mapping):
         path = image_init.get("npz")

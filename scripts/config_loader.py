@@ -112,7 +112,7 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     A top-level duration (total_steps, total_epochs, total_examples) replaces the others."""
     # Imported here: the schema module loads TensorFlow, which entry points import only after
     # parsing their flags (scripts/terminal.py).
-    from contrastive.config_schema import DURATIONS
+    from contrastive.config_schema import DURATIONS, TOP_LEVEL
     from data.config import ConfigError
 
     key, sep, text = override.partition("=")
@@ -129,6 +129,11 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
                 f"override {override!r}: config has no {'.'.join(parents[: depth + 1])}"
             )
         node = node[part]
+    if leaf not in node and not parents and key in TOP_LEVEL:
+        # An optional top-level setting the config leaves out (e.g. init_from, accum_steps).
+        with config.unlocked():
+            config[key] = parse_value(text)
+        return
     if leaf not in node:
         raise ConfigError(f"override {override!r}: config has no {key}")
     value = parse_value(text)

@@ -8,14 +8,19 @@ array data only to local disks, gs:// or s3://, so checkpoints go to checkpoint.
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 import tensorflow as tf
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from contrastive import storage
 from contrastive.checkpoint import Checkpointer
 from contrastive.config_schema import ConfigError
+from contrastive.experiment import build_model
 from contrastive.metric_logging import MetricLogger, read_metrics
-from contrastive.trainer import load_trained, train
+from contrastive.trainer import load_trained, train, warm_start
+from contrastive.validation import validate_config
 from scripts.zeroshot_eval import evaluate
 from tests.contrastive.test_trainer import contrastive_config, fashion_dir  # noqa: F401
 
@@ -100,3 +105,21 @@ def test_a_mistaken_resume_is_refused_and_leaves_the_run_intact(
     assert "loss.name: 'clip' -> 'siglip'" in message and "new --workdir" in message
     assert (tmp_path / "config.json").read_text() == before
     assert load_trained(tmp_path).step == 2
+
+    # The way out the message names: a new run that starts from this one's parameters.
+    assert f"--config.init_from={tmp_path}" in message
+    warm = contrastive_config(fashion_dir, "hetxl", steps=1)
+    warm.evals = {}
+    with warm.unlocked():
+        warm.init_from = str(tmp_path)
+    source = flatten_dict(jax.device_get(load_trained(tmp_path).params), sep="/")
+    _, init_params = build_model(validate_config(warm))
+    fresh = flatten_dict(jax.device_get(jax.jit(init_params)(jax.random.key(0))), sep="/")
+    loaded = flatten_dict(warm_start(str(tmp_path))(unflatten_dict(fresh, sep="/")), sep="/")
+    assert set(loaded) == set(fresh)
+    for name, value in loaded.items():
+        # Towers, projections and temperature come from the clip run; HET-XL noise is new.
+        expected = source[name] if name in source else fresh[name]
+        np.testing.assert_array_equal(value, expected, err_msg=name)
+    assert any(name not in source for name in loaded)  # the noise layers
+    assert train(warm, tmp_path / "warm").step == 1

@@ -129,3 +129,10 @@ def test_the_demo_config_in_epochs_takes_a_step_count():
     assert "total_epochs" not in config and config.total_steps == 3
     values = validate_config(config)
     assert resolve_total_steps(values) == 3  # no data needed once the length is in steps
+
+
+def test_an_optional_top_level_setting_the_config_leaves_out_can_be_added(path):
+    config = load_config(path, ["init_from=runs/first", "accum_steps=2"])
+    assert config.init_from == "runs/first" and config.accum_steps == 2
+    with pytest.raises(ConfigError, match="config has no init_form"):
+        load_config(path, ["init_form=runs/first"])
