@@ -174,3 +174,10 @@ def test_config_evaluators_build_and_run(case, data_dirs):
         counts = [v for k, v in metrics.items() if k.endswith("examples")]
         assert counts == [examples], (name, metrics)
         assert all(np.isfinite(v) for v in metrics.values()), metrics
+
+
+def test_classify_reads_fashion_mnist_from_the_given_data_dir():
+    values = load_config("configs/classify.py:data_dir=/data/fmnist").to_dict()
+    assert values["input"]["source"]["data_dir"] == "/data/fmnist"
+    sources = [block["input"]["source"] for block in values["evals"].values()]
+    assert sources and all(source["data_dir"] == "/data/fmnist" for source in sources)
