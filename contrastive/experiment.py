@@ -1,7 +1,6 @@
-"""What a config trains: the task (model, objective, initial parameters) and the run's length.
-
-Shared by training, evaluation, validation and the benchmark, so that each builds the same model
-from the same config.
+"""What a config trains, built in one place for training, evaluation, validation and the
+benchmark: the task (model, objective, initial parameters), the run's length, and
+`build_experiment` (optimizer, schedule, frozen mask, state and step) on top of them.
 """
 
 from __future__ import annotations
@@ -14,9 +13,18 @@ from typing import Any
 import jax
 import numpy as np
 
+from contrastive.accumulation import accumulated_contrastive_value_and_grad
 from contrastive.config_schema import ConfigError
+from contrastive.freezing import frozen_mask
 from contrastive.losses import make_loss
 from contrastive.objectives import classification_objective, contrastive_objective
+from contrastive.optim import make_optimizer
+from contrastive.step import (
+    abstract_params,
+    abstract_train_state,
+    init_train_state,
+    make_train_step,
+)
 from data.config import validate_input_config
 from data.sources import make_source
 from models.classifier import ImageClassifier
@@ -114,3 +122,70 @@ def resolve_total_steps(values: Mapping[str, Any]) -> int:
         source = make_source(train_input.source_name, **train_input.source_options)
         train_examples = source.num_examples()
     return total_steps(values, train_examples)
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a validated config builds before data flows: what the trainer trains, what the
+    benchmark times and what evaluation restores into.
+
+    num_steps: the run's length in updates; schedule(step) is the learning rate the optimizer
+    applies at update `step` (0-based); frozen: tree of bools (LiT) or None.
+    """
+
+    values: dict
+    mesh: Any
+    task: Task
+    num_steps: int
+    optimizer: Any
+    schedule: Callable[[int], Any]
+    frozen: Any
+    rng: jax.Array
+
+    def abstract_state(self):
+        """(TrainState of sharded ShapeDtypeStructs, shardings): what a full restore needs."""
+        return abstract_train_state(self.task.init_params, self.optimizer, self.rng, self.mesh)
+
+    def abstract_params(self):
+        """The parameters as sharded ShapeDtypeStructs: what a parameters-only restore needs."""
+        return abstract_params(self.task.init_params, self.rng, self.mesh)
+
+    def init_state(self, load_params: Callable[[Any], Any] | None = None):
+        """(fresh TrainState in its shardings, shardings); load_params as in init_train_state,
+        default: the task's own (pretrained towers, if any)."""
+        load = self.task.load_params if load_params is None else load_params
+        return init_train_state(
+            self.task.init_params, self.optimizer, self.rng, self.mesh, load_params=load
+        )
+
+    def train_step(self, shardings, prepare_batch: Callable | None = None):
+        """The jitted update step; with accum_steps > 1 its gradient is accumulated over
+        microbatches that keep every negative of the full batch."""
+        accum_steps = self.values.get("accum_steps", 1)
+        value_and_grad = None
+        if accum_steps > 1:
+            value_and_grad = accumulated_contrastive_value_and_grad(
+                self.task.model, self.task.loss, self.mesh, accum_steps, frozen=self.frozen
+            )
+        return make_train_step(
+            self.task.objective,
+            self.optimizer,
+            self.mesh,
+            shardings,
+            self.frozen,
+            value_and_grad,
+            prepare_batch=prepare_batch,
+        )
+
+
+def build_experiment(values: Mapping[str, Any], mesh) -> Experiment:
+    """The Experiment of a validated config (contrastive.validation.validate_config) on a mesh."""
+    task = build_task(values, mesh)
+    rng = jax.random.key(values.get("seed", 0))
+    num_steps = resolve_total_steps(values)
+    param_shapes = jax.eval_shape(task.init_params, rng)
+    optim = dict(values["optim"])
+    optimizer, schedule = make_optimizer(optim, num_steps, param_shapes)
+    freeze_rules = optim.get("freeze") or []
+    frozen = frozen_mask(param_shapes, freeze_rules) if freeze_rules else None
+    return Experiment(dict(values), mesh, task, num_steps, optimizer, schedule, frozen, rng)

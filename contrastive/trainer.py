@@ -18,12 +18,11 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.experimental import multihost_utils
 
 from contrastive import storage
-from contrastive.accumulation import accumulated_contrastive_value_and_grad, check_microbatching
+from contrastive.accumulation import check_microbatching
 from contrastive.checkpoint import Checkpointer, PreemptionGuard
 from contrastive.config_schema import ConfigError
 from contrastive.evaluators.build import build_evaluators
-from contrastive.experiment import Task, build_task, resolve_total_steps
-from contrastive.freezing import frozen_mask
+from contrastive.experiment import Task, build_experiment, build_task, resolve_total_steps
 from contrastive.mesh import BATCH_AXES, make_mesh
 from contrastive.metric_logging import (
     MetricLogger,
@@ -32,13 +31,9 @@ from contrastive.metric_logging import (
     log_primary,
     read_metrics,
 )
-from contrastive.optim import make_optimizer
 from contrastive.report import plot_curves
 from contrastive.step import (
     abstract_params,
-    abstract_train_state,
-    init_train_state,
-    make_train_step,
 )
 from contrastive.validation import validate_config
 from data.config import validate_input_config
@@ -170,18 +165,14 @@ def train(config, workdir: str) -> TrainResult:
         train_input, mesh, BATCH_AXES, uint8_images=True, device_prefetch=2
     )
 
-    # --- Model, objective, optimizer
-    task = build_task(values, mesh)
-    rng = jax.random.key(values.get("seed", 0))
-    param_shapes = jax.eval_shape(task.init_params, rng)
-    optim = dict(values["optim"])
-    optimizer, schedule = make_optimizer(optim, num_steps, param_shapes)
-    freeze_rules = optim.get("freeze") or []
-    frozen = frozen_mask(param_shapes, freeze_rules) if freeze_rules else None
+    # --- Model, objective, optimizer, step (contrastive/experiment.py, shared with evaluation
+    # and the benchmark)
+    experiment = build_experiment(values, mesh)
+    task, schedule = experiment.task, experiment.schedule
 
     # --- State: restored from the latest checkpoint, or fresh
     if latest is not None:
-        abstract, shardings = abstract_train_state(task.init_params, optimizer, rng, mesh)
+        abstract, shardings = experiment.abstract_state()
         state, input_state, _ = checkpointer.restore(latest, abstract)
         if input_state is not None:
             train_iter.set_state(input_state)
@@ -190,29 +181,14 @@ def train(config, workdir: str) -> TrainResult:
         load_params = task.load_params
         if values.get("init_from"):
             load_params = warm_start(values["init_from"], load_params)
-        state, shardings = init_train_state(
-            task.init_params, optimizer, rng, mesh, load_params=load_params
-        )
+        state, shardings = experiment.init_state(load_params)
     # Evaluation inputs are opened now (each reads until one record survives), not after training.
     evaluators = build_evaluators(values, task.model, mesh)
     # Written only now: a config that failed validation, restore or an evaluation input leaves
     # the workdir as it was.
     if jax.process_index() == 0:
         storage.write_text(config_path, json.dumps(values, indent=2, default=str))
-    value_and_grad = None
-    if accum_steps > 1:
-        value_and_grad = accumulated_contrastive_value_and_grad(
-            task.model, task.loss, mesh, accum_steps, frozen=frozen
-        )
-    step_fn = make_train_step(
-        task.objective,
-        optimizer,
-        mesh,
-        shardings,
-        frozen,
-        value_and_grad,
-        prepare_batch=train_iter.device_preprocess,
-    )
+    step_fn = experiment.train_step(shardings, prepare_batch=train_iter.device_preprocess)
 
     # --- Loop. Steps are dispatched without waiting on device values; the host reads the
     # device (metrics, non-finite counter, agreement on preemption) only at sync points: log,
@@ -319,18 +295,15 @@ def load_trained(workdir: str, step: int | None = None, with_optimizer: bool = F
     if step is None:
         raise FileNotFoundError(f"{workdir} holds no finished checkpoint")
     mesh = make_mesh(values.get("mesh"))
-    task = build_task(values, mesh)
-    rng = jax.random.key(values.get("seed", 0))
-    param_shapes = jax.eval_shape(task.init_params, rng)
     state = None
     if with_optimizer:
-        optimizer, _ = make_optimizer(
-            dict(values["optim"]), resolve_total_steps(values), param_shapes
-        )
-        abstract, _ = abstract_train_state(task.init_params, optimizer, rng, mesh)
-        state, _, _ = checkpointer.restore(step, abstract)
+        experiment = build_experiment(values, mesh)
+        task = experiment.task
+        state, _, _ = checkpointer.restore(step, experiment.abstract_state()[0])
         params = state.params
-    else:
+    else:  # no optimizer, no training input: the parameters alone
+        task = build_task(values, mesh)
+        rng = jax.random.key(values.get("seed", 0))
         params = checkpointer.restore_params(step, abstract_params(task.init_params, rng, mesh))
     checkpointer.close()
     return TrainedRun(values, task, mesh, params, step, state)

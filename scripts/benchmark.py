@@ -158,21 +158,17 @@ def compiled_step(args, overrides=()):
     import jax
     import numpy as np
 
+    from contrastive.experiment import build_experiment
     from contrastive.mesh import batch_sharding, make_mesh
-    from contrastive.optim import make_optimizer
-    from contrastive.step import init_train_state, make_train_step
-    from contrastive.trainer import build_task, resolve_total_steps
     from models.two_towers import example_inputs
 
     spec, values = load_benchmark_config(args, overrides)
     mesh = make_mesh(values.get("mesh"))
-    task = build_task(values, mesh)
-    rng = jax.random.key(0)
-    optimizer, _ = make_optimizer(
-        dict(values["optim"]), resolve_total_steps(values), jax.eval_shape(task.init_params, rng)
-    )
-    state, shardings = init_train_state(task.init_params, optimizer, rng, mesh)
-    step = make_train_step(task.objective, optimizer, mesh, shardings)
+    # The trainer's own setup: frozen towers, gradient accumulation and the schedule included.
+    experiment = build_experiment(values, mesh)
+    # Random parameters (no pretrained towers to read): the step time does not depend on them.
+    state, shardings = experiment.init_state(load_params=lambda params: params)
+    step = experiment.train_step(shardings)
     batch_size = values["input"]["batch_size"]
     images, tokens = example_inputs(values["model"], batch_size)
     generator = np.random.default_rng(0)
