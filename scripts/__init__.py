@@ -1,7 +1,3 @@
-"""Entry points. Importing this package first tunes glibc malloc for XLA's CPU runtime (see
-scripts/host_memory.py); it has to happen before jax or tensorflow start their threads, and every
-`python -m scripts.X` imports this package before the module itself."""
-
-from scripts.host_memory import keep_host_memory
-
-HOST_MEMORY_KEPT = keep_host_memory()
+"""Entry points (`python -m scripts.NAME`). Importing this package does nothing: process-wide
+settings (malloc tuning, library log levels) are applied by each entry point when it runs as a
+program (scripts/terminal.py `run`), never at import."""

@@ -38,8 +38,9 @@ import statistics
 import sys
 import time
 
-from scripts import HOST_MEMORY_KEPT, terminal
+from scripts import terminal
 from scripts.config_loader import OVERRIDE_HELP, load_config, parse_args_with_overrides
+from scripts.host_memory import host_memory_kept
 
 # jax and the project's packages are imported where used, after main has parsed its flags and
 # silenced TensorFlow's start-up logs (scripts/terminal.py); --help loads none of them.
@@ -209,7 +210,7 @@ def benchmark_step(args, overrides=()) -> list[dict]:
             step_ms=round(step_ms, 2),
             images_per_sec=round(batch_size / step_ms * 1e3, 1),
             peak_bytes=peak_bytes(compiled),
-            host_memory_kept=HOST_MEMORY_KEPT,
+            host_memory_kept=host_memory_kept(),
         )
     ]
 

@@ -10,7 +10,8 @@ returns to the heap on free and the next step reuses it without a single fault.
 The price: the process keeps its peak heap until it exits (training processes do anyway), and all
 threads share one malloc arena. Set HETXL_KEEP_HOST_MEMORY=0 to leave glibc's defaults alone.
 Must run before other threads have allocated (glibc fixes the arena limit then), i.e. before
-jax or tensorflow are imported; scripts/__init__.py calls it first thing.
+jax or tensorflow are imported: `scripts.terminal.run` calls it first thing when an entry point
+runs as a program (tests that call an entry point's main keep glibc's defaults).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 OPT_OUT_VARIABLE = "HETXL_KEEP_HOST_MEMORY"
+_applied = False
 
 
 def uses_glibc() -> bool:
@@ -44,4 +46,11 @@ def keep_host_memory() -> bool:
         (_M_MMAP_MAX, 0),  # never serve a chunk by its own mmap (unmapped again on free)
         (_M_TRIM_THRESHOLD, -1),  # -1 becomes SIZE_MAX: never give the heap's top back
     )
-    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+    global _applied
+    _applied = all(libc.mallopt(param, value) == 1 for param, value in settings)
+    return _applied
+
+
+def host_memory_kept() -> bool:
+    """Whether keep_host_memory has applied its settings in this process."""
+    return _applied

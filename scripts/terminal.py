@@ -59,12 +59,18 @@ def _stderr_to_devnull():
 
 
 def run(main: Callable[[], int | None]) -> int:
-    """Runs an entry point's main and returns its exit status.
+    """Runs an entry point's main as a program and returns its exit status.
+
+    First, before any library starts a thread, glibc malloc is tuned for XLA's CPU runtime
+    (scripts/host_memory.py; HETXL_KEEP_HOST_MEMORY=0 opts out).
 
     A mistake in the config or its overrides (ConfigError) prints "error: invalid config" and
     one line per problem, exit status 2; a run halted on non-finite updates prints why, exit
     status 3. Neither is a bug, so neither gets a traceback; everything else keeps its own.
     """
+    from scripts.host_memory import keep_host_memory
+
+    keep_host_memory()
     try:
         return main() or 0
     except Exception as error:
