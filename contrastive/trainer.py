@@ -23,6 +23,7 @@ from contrastive.checkpoint import Checkpointer, PreemptionGuard
 from contrastive.config_schema import ConfigError
 from contrastive.evaluators.build import build_evaluators
 from contrastive.experiment import Task, build_experiment, build_task, resolve_total_steps
+from contrastive.freezing import report_frozen
 from contrastive.mesh import BATCH_AXES, make_mesh
 from contrastive.metric_logging import (
     MetricLogger,
@@ -169,6 +170,9 @@ def train(config, workdir: str) -> TrainResult:
     # and the benchmark)
     experiment = build_experiment(values, mesh)
     task, schedule = experiment.task, experiment.schedule
+    freeze_rules = values["optim"].get("freeze") or []
+    if freeze_rules:
+        log_primary(report_frozen(experiment.abstract_params(), freeze_rules).summary())
 
     # --- State: restored from the latest checkpoint, or fresh
     if latest is not None:

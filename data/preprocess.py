@@ -145,8 +145,3 @@ def output_spec(fn: PreprocessFn, input_spec: dict[str, tf.TensorSpec]) -> dict[
     return tf.nest.map_structure(
         lambda t: tf.TensorSpec(t.shape, t.dtype), traced.structured_outputs
     )
-
-
-def known_ops() -> list[str]:
-    """Names of the registered preprocessing ops."""
-    return PP_OPS.known()
