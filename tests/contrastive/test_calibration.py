@@ -53,6 +53,46 @@ def test_metrics_match_hand_computed_values():
     assert reliability["accuracy"][0] is None  # an empty bin
 
 
+def test_random_predictions_match_a_numpy_reference_per_class_and_per_bin():
+    rng = np.random.default_rng(2)
+    n, classes, bins = 80, 7, 15
+    logits = rng.normal(size=(n, classes)) * 1.5
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = rng.integers(0, classes, n)
+    metrics = prediction_metrics(np.log(probs), labels, k_values=(1, 5), num_bins=bins)
+
+    order = np.argsort(-probs, axis=1)
+    hit1 = order[:, 0] == labels
+    hit5 = np.array([label in row[:5] for label, row in zip(labels, order, strict=True)])
+    per_class_top1 = [hit1[labels == c].mean() for c in range(classes)]
+    per_class_top5 = [hit5[labels == c].mean() for c in range(classes)]
+    # A discriminating case: per-class top-1 and top-5 accuracies differ in every class.
+    assert all(a < b for a, b in zip(per_class_top1, per_class_top5, strict=True))
+    assert metrics["top1"] == pytest.approx(hit1.mean())
+    assert metrics["top5"] == pytest.approx(hit5.mean())
+    assert metrics["per_class_top1"] == pytest.approx(per_class_top1)
+    assert metrics["per_class_examples"] == [int(np.sum(labels == c)) for c in range(classes)]
+
+    confidence = probs.max(axis=1)
+    counts, accuracies, confidences, ece = [], [], [], 0.0
+    for b in range(bins):
+        members = (confidence > b / bins) & (confidence <= (b + 1) / bins)
+        counts.append(int(members.sum()))
+        accuracies.append(hit1[members].mean() if members.any() else None)
+        confidences.append(confidence[members].mean() if members.any() else None)
+        if members.any():
+            ece += members.mean() * abs(hit1[members].mean() - confidence[members].mean())
+    reliability = metrics["reliability"]
+    assert reliability["count"] == counts
+    for got, want in zip(reliability["accuracy"], accuracies, strict=True):
+        assert got is None if want is None else got == pytest.approx(want)
+    for got, want in zip(reliability["confidence"], confidences, strict=True):
+        assert got is None if want is None else got == pytest.approx(want, rel=1e-6)
+    assert metrics["ece"] == pytest.approx(ece, rel=1e-5)
+    nll = -np.mean(np.log(probs[np.arange(n), labels]))
+    assert metrics["nll"] == pytest.approx(nll, rel=1e-5)
+
+
 def test_padding_rows_and_batches_do_not_change_the_result():
     whole = prediction_metrics(np.log(PROBS), LABELS)
     totals = PredictionTotals(num_classes=3)

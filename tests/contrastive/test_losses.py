@@ -76,7 +76,19 @@ def dense_noisy(embeddings, noise, key, num_samples, renormalize, share):
 
 
 def dense_hetxl(num_samples, renormalize=False, share=False):
+    directions = dense_hetxl_directions(num_samples, renormalize, share)
+
     def loss(outputs, rng):
+        image_to_text, text_to_image = directions(outputs, rng)
+        return (image_to_text + text_to_image) / 2
+
+    return loss
+
+
+def dense_hetxl_directions(num_samples, renormalize=False, share=False):
+    """(image -> text loss, text -> image loss): minus the MC log-likelihoods, batch means."""
+
+    def losses(outputs, rng):
         images, texts = outputs["image_embedding"], outputs["text_embedding"]
         noisy = dense_noisy(images, outputs["noise"], rng, num_samples, renormalize, share)
         logits = jnp.einsum("sbd,kd->sbk", noisy, texts) / outputs["tau"]  # [S, images, texts]
@@ -92,9 +104,9 @@ def dense_hetxl(num_samples, renormalize=False, share=False):
             text_logits = jnp.einsum("sbd,kd->sbk", noisy_texts, images) / outputs["tau"]
             t2i = jax.nn.log_softmax(text_logits, axis=2)[:, diagonal, diagonal]
         average = lambda lp: jax.nn.logsumexp(lp, axis=0) - jnp.log(num_samples)  # noqa: E731
-        return -(average(i2t).mean() + average(t2i).mean()) / 2
+        return -average(i2t).mean(), -average(t2i).mean()
 
-    return loss
+    return losses
 
 
 def assert_trees_close(got, expected, rtol=1e-5, atol=1e-7):
@@ -180,6 +192,34 @@ def test_metrics_are_exact_global_statistics(mesh):
     np.testing.assert_allclose(metrics["positive_logit"], positive.mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["negative_logit"], negative.mean(), rtol=1e-5)
     assert float(metrics["bias"]) == -1.5
+
+
+def test_per_direction_losses_and_noise_metrics_match_dense_values(mesh):
+    outputs = random_outputs(16)
+    rng = jax.random.key(2)
+    diagonal = np.arange(16)
+    logits = outputs["image_embedding"] @ outputs["text_embedding"].T / outputs["tau"]
+    clip_i2t = -jax.nn.log_softmax(logits, axis=1)[diagonal, diagonal].mean()
+    clip_t2i = -jax.nn.log_softmax(logits, axis=0)[diagonal, diagonal].mean()
+    hetxl_i2t, hetxl_t2i = dense_hetxl_directions(5)(outputs, rng)
+    # The two directions differ, so a metric reporting the other direction shows.
+    assert abs(float(clip_i2t - clip_t2i)) > 1e-2 and abs(float(hetxl_i2t - hetxl_t2i)) > 1e-2
+    expected = {
+        "clip": {"loss_image_to_text": clip_i2t, "loss_text_to_image": clip_t2i},
+        "hetxl": {"loss_image_to_text": hetxl_i2t, "loss_text_to_image": hetxl_t2i},
+    }
+    noise = outputs["noise"]
+    # Mean diagonal scale over examples and dimensions; mean Frobenius norm of V(x) per example.
+    expected["hetxl"]["noise_diag_scale"] = np.mean(np.asarray(noise.diag_scale))
+    expected["hetxl"]["noise_factor_norm"] = np.mean(
+        np.sqrt(np.sum(np.asarray(noise.factors) ** 2, axis=(1, 2)))
+    )
+    options = {"clip": {}, "hetxl": {"num_samples": 5, "sample_chunk_size": 2}}
+    for name, values in expected.items():
+        loss = make_loss(name, column_chunk_size=6, **options[name])
+        _, metrics = jax.jit(shard_loss(loss, mesh))(outputs, rng)
+        for key, value in values.items():
+            np.testing.assert_allclose(metrics[key], value, rtol=1e-5, err_msg=f"{name} {key}")
 
 
 def test_unknown_loss_and_bad_option_are_named():

@@ -89,3 +89,16 @@ def test_more_pairs_than_max_pairs_is_an_error():
     evaluator = evaluator_for(KnownEmbeddings(text_table=[e1]), images, texts, 4, max_pairs=9)
     with pytest.raises(ValueError, match="max_pairs=9"):
         evaluator.evaluate({})
+
+
+def test_exactly_max_pairs_is_allowed_and_an_empty_split_is_an_error():
+    e1, e2 = np.eye(3)[:2]
+    images, texts = pairs([e1, e2, e1, e2], [0, 1, 0, 1])
+    model = KnownEmbeddings(text_table=[e1, e2])
+    metrics = evaluator_for(model, images, texts, 3, max_pairs=4).evaluate({})
+    assert metrics["num_pairs"] == 4
+    # Pairs 0 and 2 (and 1 and 3) are identical: each ties with its twin, so every rank is 0.
+    assert metrics["image_to_text_r1"] == 1.0 and metrics["text_to_image_r1"] == 1.0
+    empty = evaluator_for(model, images[:0], texts[:0], 3)
+    with pytest.raises(ValueError, match="no pairs"):
+        empty.evaluate({})

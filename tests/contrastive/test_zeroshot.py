@@ -53,9 +53,15 @@ def test_zero_shot_metrics_match_dense_reference():
     outputs = model.apply({"params": params}, jnp.asarray(images), None)
     scores = np.asarray(outputs["image_embedding"], np.float64) @ classes.T
     order = np.argsort(-scores, axis=1)
-    top1 = np.mean(order[:, 0] == labels)
-    top5 = np.mean([label in row[:5] for label, row in zip(labels, order, strict=True)])
+    hit1 = order[:, 0] == labels
+    hit5 = np.array([label in row[:5] for label, row in zip(labels, order, strict=True)])
+    top1, top5 = hit1.mean(), hit5.mean()
     assert 0 < top5 and top1 < 1  # a discriminating test case
+    present = [c for c in range(CLASSES) if np.any(labels == c)]
+    per_class_top1 = [hit1[labels == c].mean() if c in present else None for c in range(CLASSES)]
+    per_class_top5 = [hit5[labels == c].mean() for c in present]
+    # Per class too: counting top-5 hits as top-1 would change the table.
+    assert [per_class_top1[c] for c in present] != per_class_top5
     log_probs = numpy_log_softmax(scores / float(outputs["tau"]))
     probs = np.exp(log_probs)
     nll = -np.mean(log_probs[np.arange(IMAGES), labels])
@@ -71,6 +77,11 @@ def test_zero_shot_metrics_match_dense_reference():
     np.testing.assert_allclose(metrics["zeroshot_top5"], top5)
     np.testing.assert_allclose(metrics["zeroshot_nll"], nll, rtol=1e-4)
     np.testing.assert_allclose(metrics["zeroshot_brier"], brier, rtol=1e-4)
+    table = evaluator.evaluate(params)
+    assert table["per_class_examples"] == [int(np.sum(labels == c)) for c in range(CLASSES)]
+    assert len(table["per_class_top1"]) == CLASSES
+    for got, want in zip(table["per_class_top1"], per_class_top1, strict=True):
+        assert got is None if want is None else got == pytest.approx(want)
 
 
 class KnownEmbeddings(nn.Module):
@@ -165,13 +176,13 @@ TWO_CLASS_TEMPLATES = [(1, 0.2, 0), (1, -0.2, 0), (-1, 0.2, 0), (-1, -0.2, 0)]
 
 
 def test_monte_carlo_prediction_matches_its_analytic_value():
-    # Classes e1 and -e1, embedding x = (0.25, 0, 0), isotropic noise d = 0.5, tau = 1:
-    # u0 - u1 = 2 (x1 + eps1) ~ N(0.5, 1), so p(class 0) = E[sigmoid(N(0.5, 1))] = 0.5964...
-    # while the deterministic softmax gives sigmoid(0.5) = 0.6225 (HETXL.md section 6).
+    # Classes e1 and -e1, embedding x = (0.25, 0, 0), isotropic noise d = 0.5, tau = 0.5:
+    # (u0 - u1) / tau = 2 (x1 + eps1) / tau ~ N(1, 4), so p(class 0) = E[sigmoid(N(1, 4))]
+    # = 0.647726 while the deterministic softmax gives sigmoid(1) = 0.731059 (HETXL.md section 6).
     n = 16
     images = images_with_embeddings(np.tile([0.25, 0.0, 0.0], (n, 1)))
     labels = np.zeros(n, np.int32)
-    model = KnownEmbeddings(text_table=TWO_CLASS_TEMPLATES, noise_scale=0.5)
+    model = KnownEmbeddings(text_table=TWO_CLASS_TEMPLATES, tau=0.5, noise_scale=0.5)
     evaluator = ZeroShotEvaluator(
         model,
         PROMPT_TOKENS[:4],
@@ -179,15 +190,17 @@ def test_monte_carlo_prediction_matches_its_analytic_value():
         batches_of(images, labels, 8),
         8,
         make_mesh({"data": 8}),
-        monte_carlo=MonteCarlo(num_samples=2048, chunk_size=256),
+        monte_carlo=MonteCarlo(num_samples=4096, chunk_size=512),
     )
     metrics = evaluator.evaluate({})
-    analytic = expected_sigmoid_of_gaussian(0.5, 1.0)
-    assert metrics["nll"] == pytest.approx(-math.log(1 / (1 + math.exp(-0.5))), rel=1e-5)
-    # 16 images x 2048 samples: the standard error of the mean probability is about 0.001.
+    analytic = expected_sigmoid_of_gaussian(1.0, 2.0)
+    assert analytic == pytest.approx(0.647726, abs=1e-6)
+    assert metrics["nll"] == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))), rel=1e-5)
+    # 16 images x 4096 samples: the standard error of the mean probability is about 0.0012
+    # (std of sigmoid(N(1, 4)) ~ 0.3); the deterministic value is 70 of them away.
     assert math.exp(-metrics["mc_nll"]) == pytest.approx(analytic, abs=0.005)
     assert metrics["mc_brier"] == pytest.approx(2 * (1 - analytic) ** 2, abs=0.01)
-    assert metrics["mc_top1"] == 1.0 and metrics["mc_samples"] == 2048
+    assert metrics["mc_top1"] == 1.0 and metrics["mc_samples"] == 4096
 
 
 def test_monte_carlo_metrics_do_not_depend_on_batching_or_order():

@@ -4,6 +4,7 @@ References here are plain dense implementations written from the formulas: pre-l
 eps = shift + V e_R + d * e_N, logits (phi + eps) W + b, averaged probabilities over samples.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -132,6 +133,20 @@ def test_bad_temperature_configs_are_rejected(kwargs):
         het.TemperatureConfig(**kwargs)
 
 
+@pytest.mark.parametrize("t", [-2.0, 0.7, 3.1])
+def test_bounded_temperatures_follow_their_formulas(t):
+    lo, hi = 0.02, 2.0
+    s = 1 / (1 + math.exp(-t))
+    linear = lo + (hi - lo) * s
+    geometric = lo ** (1 - s) * hi**s  # log tau linear in s between log lo and log hi
+    assert float(het.bounded_tau(jnp.float32(t), lo, hi)) == pytest.approx(linear, rel=1e-6)
+    assert float(het.bounded_log_tau(jnp.float32(t), lo, hi)) == pytest.approx(geometric, rel=1e-5)
+    for mode, expected in (("bounded", linear), ("bounded_log", geometric)):
+        module = het.Temperature(het.TemperatureConfig(mode, lo=lo, hi=hi))
+        tau = module.apply({"params": {"t": jnp.float32(t)}})
+        assert float(tau) == pytest.approx(expected, rel=1e-5), mode
+
+
 def test_gradient_reaches_temperature_through_log_scale():
     module = het.Temperature(het.TemperatureConfig("log_scale"))
     params = module.init(KEY)
@@ -256,6 +271,41 @@ def test_empirical_covariance_of_sampled_noise(diag_mode):
     np.testing.assert_allclose(noise.covariance()[0], expected, rtol=1e-5, atol=1e-6)
     other = v @ v.T + (np.outer(d, d) if diag_mode == "per_dim" else np.diag(d**2))
     assert np.abs(empirical - other).max() > 0.2 * np.abs(expected).max()
+
+
+def test_full_factors_are_one_dense_output_read_as_n_rows_of_r():
+    noise_dim, factors, batch = 4, 3, 2
+    config = het.NoiseConfig(num_factors=factors, parameter_efficient=False)
+    module = het.HeteroscedasticNoise(noise_dim, config)
+    phi = jax.random.normal(KEY, (batch, 5))
+    params = module.init(KEY, phi)["params"]
+    params["factors"]["bias"] = jnp.linspace(-0.5, 0.6, noise_dim * factors)
+    noise = module.apply({"params": params}, phi)
+    flat = np.asarray(phi, np.float64) @ np.asarray(params["factors"]["kernel"], np.float64)
+    flat += np.asarray(params["factors"]["bias"], np.float64)
+    # V(x) = reshape(Dense_{N*R}(phi), [N, R]): entry (n, r) is output n * R + r.
+    expected = np.empty((batch, noise_dim, factors))
+    for n in range(noise_dim):
+        for r in range(factors):
+            expected[:, n, r] = flat[:, n * factors + r]
+    np.testing.assert_allclose(noise.factors, expected, rtol=1e-5, atol=1e-6)
+    assert noise.mean_shift is None
+    d = np.asarray(phi, np.float64) @ params["diag_scale"]["kernel"] + params["diag_scale"]["bias"]
+    np.testing.assert_allclose(noise.diag_scale, np.logaddexp(0.0, d) + 1e-3, rtol=1e-6)
+
+
+def test_initial_scale_options_set_d_and_scale_the_noise_kernels():
+    phi = jnp.zeros((2, 5))  # zero features: d(x) is softplus(bias) + min_scale alone
+    config = het.NoiseConfig(num_factors=3, diag_scale_init=0.05, min_scale=2e-3)
+    params = het.HeteroscedasticNoise(4, config).init(KEY, phi)["params"]
+    noise = het.HeteroscedasticNoise(4, config).apply({"params": params}, phi)
+    np.testing.assert_allclose(noise.diag_scale, np.full((2, 4), 0.05), rtol=1e-6)
+    # kernel_init_scale multiplies the standard deviation: the same draws, scaled by 0.1.
+    scaled = dataclasses.replace(config, kernel_init_scale=0.1)
+    small = het.HeteroscedasticNoise(4, scaled).init(KEY, phi)["params"]
+    for layer in ("diag_scale", "factor_scale"):
+        assert float(jnp.abs(params[layer]["kernel"]).max()) > 0.1
+        np.testing.assert_allclose(small[layer]["kernel"], 0.1 * params[layer]["kernel"], rtol=1e-6)
 
 
 def test_parameter_efficient_factors_are_diag_v_times_j_transpose():
@@ -384,6 +434,74 @@ def test_deterministic_mode_uses_the_mean_logits():
     got = model.apply(params, phi, deterministic=True)  # no RNG needed
     p = params["params"]
     np.testing.assert_allclose(got, jax.nn.log_softmax(phi @ p["kernel"] + p["bias"]), rtol=1e-6)
+
+
+# Temperatures other than 1, from each way of obtaining one: fixed, learned inside bounds (both
+# maps), CLIP's log-scale.
+TEMPERATURES = [
+    (het.TemperatureConfig("fixed", init=0.3), 0.3),
+    (het.TemperatureConfig("bounded", init=0.4, lo=0.05, hi=5.0), 0.4),
+    (het.TemperatureConfig("bounded_log", init=0.08, lo=0.01, hi=1.0), 0.08),
+    (het.TemperatureConfig("log_scale", init=2.5), 2.5),
+]
+
+
+def head_with_weights(kind, likelihood, temperature, seed=4):
+    """A head with random W and b, its parameters, and phi f32[4, 6] (K = 5)."""
+    rng = np.random.default_rng(seed)
+    phi = rng.normal(size=(4, 6)).astype(np.float32)
+    model = het.HeteroscedasticHead(
+        num_classes=5,
+        kind=kind,
+        likelihood=likelihood,
+        noise=het.NoiseConfig(num_factors=2),
+        temperature=temperature,
+    )
+    params = model.init({"params": KEY, "noise": KEY}, phi)["params"]
+    params["kernel"] = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+    params["bias"] = jnp.asarray(rng.normal(size=5), jnp.float32)
+    logits = phi.astype(np.float64) @ np.asarray(params["kernel"], np.float64)
+    logits += np.asarray(params["bias"], np.float64)
+    return model, params, phi, logits
+
+
+@pytest.mark.parametrize("kind", ["det", "hetxl"])
+@pytest.mark.parametrize("temperature,tau", TEMPERATURES)
+def test_deterministic_softmax_prediction_divides_the_logits_by_tau(kind, temperature, tau):
+    model, params, phi, logits = head_with_weights(kind, "softmax", temperature)
+    expected = special.log_softmax(logits / tau, axis=-1)
+    labels = np.array([0, 3, 4, 3])
+    # kind "det" never samples; "hetxl" with deterministic=True uses its mean logits only.
+    got = model.apply({"params": params}, phi, deterministic=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    log_lik = model.apply({"params": params}, phi, jnp.asarray(labels), deterministic=True)
+    np.testing.assert_allclose(log_lik, expected[np.arange(4), labels], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature,tau", TEMPERATURES[:2])
+def test_deterministic_sigmoid_prediction_divides_the_logits_by_tau(temperature, tau):
+    model, params, phi, logits = head_with_weights("det", "sigmoid", temperature)
+    log_positive = -np.logaddexp(0.0, -logits / tau)  # log sigmoid(u / tau)
+    log_negative = -np.logaddexp(0.0, logits / tau)  # log (1 - sigmoid(u / tau))
+    np.testing.assert_allclose(model.apply({"params": params}, phi), log_positive, rtol=1e-5)
+    targets = (np.random.default_rng(5).uniform(size=logits.shape) > 0.5).astype(np.float32)
+    log_lik = model.apply({"params": params}, phi, jnp.asarray(targets))
+    expected = np.sum(targets * log_positive + (1 - targets) * log_negative, axis=-1)
+    np.testing.assert_allclose(log_lik, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mc_label_log_likelihood_is_the_log_of_the_averaged_label_probability():
+    phi, weights, bias, noise = random_problem()
+    distribution = het.prelogit_noise_logits(phi, weights, noise, bias)
+    labels = np.array([6, 0, 2, 2, 5])
+    log_lik = het.mc_log_likelihood(
+        distribution, jnp.float32(0.6), jnp.asarray(labels), KEY, num_samples=9, chunk_size=4
+    )
+    draws = het.standard_normal_draws(KEY, jnp.arange(9), 5, 3, 6)
+    reference = naive_mc_log_probs(
+        naive_sample_logits(phi, weights, bias, noise, *map(np.asarray, draws)), 0.6
+    )
+    np.testing.assert_allclose(log_lik, reference[np.arange(5), labels], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------

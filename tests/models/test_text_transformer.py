@@ -83,6 +83,33 @@ def test_padding_does_not_change_features(pool, causal):
         np.testing.assert_allclose(padded[i], alone[0], atol=1e-5)
 
 
+def np_text_transformer(params, tokens, depth, pool, causal):
+    """The text tower in float64 numpy: embeddings plus the first L position rows, the encoder
+    with pad keys (and, if causal, later keys) masked, then pooling over the real tokens."""
+    from tests.models.test_vit import np_encoder, np_map_head
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    batch, length = tokens.shape
+    x = p["Embed_0"]["embedding"][tokens] + p["pos_embedding"][:, :length]
+    real = tokens != 0
+    mask = np.broadcast_to(real[:, None, :], (batch, length, length))
+    if causal:
+        mask = mask & np.tri(length, dtype=bool)[None]
+    encoded = np_encoder(x, p["Encoder_0"], depth, mask)
+    if pool == "map":
+        return np_map_head(encoded, p["MAPHead_0"], real)
+    return reference_pool(encoded, tokens, pool)
+
+
+@pytest.mark.parametrize("pool,causal", [("last", True), ("mean", False), ("map", True)])
+def test_forward_matches_numpy_reference(pool, causal):
+    model = text_transformer.Model(**TINY, pool_type=pool, causal=causal)
+    params = init(model)
+    features, _ = apply(model, params, TOKENS)
+    expected = np_text_transformer(params, TOKENS, TINY["depth"], pool, causal)
+    np.testing.assert_allclose(features, expected, atol=2e-5, rtol=2e-5)
+
+
 def test_causal_mask_hides_future_tokens():
     tokens = TOKENS[2:3]
     changed = tokens.copy()
@@ -121,13 +148,26 @@ def test_scan_and_python_loop_agree():
 
 
 def test_bfloat16_matmuls_keep_float32_params_and_features():
-    model = text_transformer.Model(**TINY, pool_type="map", dtype_mm="bfloat16")
+    from tests.models.test_vit import _all_eqns
+
+    model = text_transformer.Model(**TINY, pool_type="map", causal=True, dtype_mm="bfloat16")
     params = init(model)
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    jaxpr = jax.make_jaxpr(lambda p, t: model.apply({"params": p}, t)[0])(params, TOKENS)
+    contractions = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    # Each block: query, key and value projections, attention logits, weighted values, output
+    # projection, two MLP layers; the MAP head adds the same eight. All take bfloat16 operands.
+    assert len(contractions) == 8 * TINY["depth"] + 8
+    for eqn in contractions:
+        assert all(v.aval.dtype == jnp.bfloat16 for v in eqn.invars), eqn
+
     features, _ = apply(model, params, TOKENS)
-    reference, _ = apply(text_transformer.Model(**TINY, pool_type="map"), params, TOKENS)
+    float32_model = text_transformer.Model(**TINY, pool_type="map", causal=True)
+    reference, _ = apply(float32_model, params, TOKENS)
     assert features.dtype == jnp.float32
     np.testing.assert_allclose(features, reference, atol=0.1, rtol=0.1)
+    # bfloat16 keeps 8 mantissa bits: the features move by about 1e-2, far above float32 rounding.
+    assert float(np.max(np.abs(features - reference))) > 1e-3
 
 
 def test_head_and_dropout():

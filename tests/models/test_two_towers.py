@@ -11,7 +11,7 @@ from contrastive.losses import make_loss
 from contrastive.mesh import make_mesh
 from contrastive.objectives import contrastive_objective
 from contrastive.step import init_train_state, make_train_step
-from models import pretrained, vit
+from models import pretrained, text_transformer, vit
 from models.heteroscedastic import NoiseConfig, TemperatureConfig
 from models.two_towers import (
     TwoTowers,
@@ -63,6 +63,63 @@ def test_outputs_are_unit_norm_with_noise_tau_and_bias(embed_dim):
     np.testing.assert_allclose(images_only["image_embedding"], outputs["image_embedding"])
     embedded, _ = model.apply(params, tokens, method=model.embed_texts)
     np.testing.assert_allclose(embedded, outputs["text_embedding"], rtol=1e-6)
+
+
+def numpy_noise(params, embedding):
+    """Parameter-efficient HET-XL noise of embeddings f32[B, D] from its formulas (HETXL.md
+    section 2): V = diag(v) J^T, d = softplus(.) + 1e-3, mean shift c * v."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    x = np.asarray(embedding, np.float64)
+    d = np.logaddexp(0.0, x @ p["diag_scale"]["kernel"] + p["diag_scale"]["bias"]) + 1e-3
+    v = x @ p["factor_scale"]["kernel"] + p["factor_scale"]["bias"]
+    return v[:, :, None] * p["factor_loadings"].T[None], d, v * p["factor_shift"]
+
+
+def test_each_side_gets_noise_from_its_own_unit_embedding_and_parameters():
+    model = TwoTowers(
+        IMAGE_TOWER,
+        TEXT_TOWER,
+        embed_dim=8,
+        image_noise=NoiseConfig(num_factors=2),
+        text_noise=True,
+        temperature=TemperatureConfig("fixed", init=0.2),
+    )
+    images, tokens = inputs()
+    params = model.init(KEY, images, tokens)["params"]
+    # Different non-zero shifts on the two sides, so that swapped parameters show.
+    params["image_noise_params"]["factor_shift"] = jnp.linspace(-0.3, 0.4, 8)
+    params["text_noise_params"]["factor_shift"] = jnp.linspace(0.5, -0.2, 8)
+    outputs = model.apply({"params": params}, images, tokens)
+    # The towers alone (with their projection to embed_dim) give the unnormalised features.
+    image_tower = vit.Model(8, variant="mu/8", pool_type="gap", head_zeroinit=False)
+    text_tower = text_transformer.Model(
+        8, vocab_size=50, variant="mu", max_len=6, head_zeroinit=False
+    )
+    sides = [
+        (
+            "image",
+            "noise",
+            "image_noise_params",
+            image_tower.apply({"params": params["img"]}, images),
+        ),
+        (
+            "text",
+            "text_noise",
+            "text_noise_params",
+            text_tower.apply({"params": params["txt"]}, tokens),
+        ),
+    ]
+    for side, noise_key, noise_params, (features, _) in sides:
+        features = np.asarray(features, np.float64)
+        norm = np.sqrt(np.sum(features**2, axis=-1))
+        np.testing.assert_allclose(outputs[f"{side}_norm"], norm, rtol=1e-5)
+        embedding = features / norm[:, None]
+        np.testing.assert_allclose(outputs[f"{side}_embedding"], embedding, rtol=1e-5, atol=1e-6)
+        factors, diag_scale, mean_shift = numpy_noise(params[noise_params], embedding)
+        noise = outputs[noise_key]
+        np.testing.assert_allclose(noise.factors, factors, rtol=1e-5, atol=1e-6, err_msg=side)
+        np.testing.assert_allclose(noise.diag_scale, diag_scale, rtol=1e-5, err_msg=side)
+        np.testing.assert_allclose(noise.mean_shift, mean_shift, rtol=1e-5, atol=1e-6)
 
 
 def test_deterministic_model_has_no_noise_or_bias_parameters():

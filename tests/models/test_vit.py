@@ -112,12 +112,14 @@ def np_gelu(x):  # tanh approximation, flax's default
 
 
 def np_attention(q_in, kv_in, p, key_mask=None):
+    """key_mask: bool [B, S] (which keys every query may see) or [B, Q, S] (per query)."""
     q = np.einsum("bld,dhk->blhk", q_in, p["query"]["kernel"]) + p["query"]["bias"]
     k = np.einsum("bld,dhk->blhk", kv_in, p["key"]["kernel"]) + p["key"]["bias"]
     v = np.einsum("bld,dhk->blhk", kv_in, p["value"]["kernel"]) + p["value"]["bias"]
     logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
     if key_mask is not None:
-        logits = np.where(key_mask[:, None, None, :], logits, -1e30)
+        per_query = key_mask[:, None, :, :] if key_mask.ndim == 3 else key_mask[:, None, None, :]
+        logits = np.where(per_query, logits, -1e30)
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     out = np.einsum("bhqs,bshk->bqhk", weights, v)
