@@ -45,6 +45,12 @@ class ImageClassifier(nn.Module):
         train: bool = False,
         deterministic: bool = False,
     ) -> jax.Array:
-        """Log-probabilities f32[B, K] (labels None) or label log-likelihoods f32[B]."""
+        """Log-probabilities f32[B, K] (labels None) or label log-likelihoods f32[B].
+
+        labels: class ids i32[B]; a sigmoid head also takes multi-hot targets f32[B, K] (class
+        ids become one-hot targets, since [B] against [B, K] would silently broadcast).
+        """
         pre_logits, _ = self.img(images, train=train)
+        if labels is not None and self.likelihood == "sigmoid" and labels.ndim == 1:
+            labels = jax.nn.one_hot(labels, self.num_classes)
         return self.classifier(pre_logits, labels, train=train, deterministic=deterministic)
