@@ -139,15 +139,26 @@ def loss_block(
     raise ValueError(f"loss {name!r} is unknown; known: ['clip', 'hetxl', 'siglip']")
 
 
-def contrastive_temperature(loss: str) -> tuple[dict, float | None]:
-    """(temperature, SigLIP bias init) for a loss: HET-XL learns a log-bounded tau in
-    [0.01, 1] from CLIP's 0.07; CLIP uses its unbounded log scale; SigLIP starts at tau 0.1
-    with bias -10 (its paper's init)."""
-    if loss == "hetxl":
-        return dict(mode="bounded_log", init=0.07, lo=0.01, hi=1.0), None
-    if loss == "siglip":
-        return dict(mode="log_scale", init=0.1), -10.0
-    return dict(mode="log_scale", init=0.07), None
+TEMPERATURES = ("bounded_log", "log_scale", "fixed")
+
+
+def contrastive_temperature(loss: str, mode: str = "") -> tuple[dict, float | None]:
+    """(temperature, SigLIP bias init) for a loss.
+
+    mode "" picks each method's usual parameterisation: HET-XL learns a log-bounded tau in
+    [0.01, 1], CLIP and SigLIP CLIP's unbounded log scale. Any loss takes any mode
+    ("bounded_log", "log_scale", "fixed"), so that a baseline can differ from HET-XL in nothing
+    but the noise. tau starts at CLIP's 0.07 (SigLIP: 0.1, with its paper's bias -10).
+    """
+    init = 0.1 if loss == "siglip" else 0.07
+    mode = mode or ("bounded_log" if loss == "hetxl" else "log_scale")
+    if mode == "bounded_log":
+        temperature = dict(mode=mode, init=init, lo=0.01, hi=1.0)
+    elif mode in ("log_scale", "fixed"):
+        temperature = dict(mode=mode, init=init)
+    else:
+        raise ValueError(f"temperature {mode!r} is unknown; known: {list(TEMPERATURES)}")
+    return temperature, (-10.0 if loss == "siglip" else None)
 
 
 def hetxl_noise(loss: str, num_factors: int = 8) -> dict | None:

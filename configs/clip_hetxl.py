@@ -3,8 +3,10 @@
     python -m scripts.train --config configs/clip_hetxl.py:files=gs://bucket/pairs-*.tfrecord \
         --workdir gs://bucket/runs/clip_hetxl
     args: files (TFRecord glob from scripts.make_tfrecords), tokenizer (sentencepiece model
-    path; default MiniLM WordPiece), batch=32768, steps=100000, samples=16, fsdp=1,
-    imagenet_dir (TFDS data_dir holding imagenet2012 for the zero-shot eval; empty: no eval)
+    path; default MiniLM WordPiece; the text vocabulary is derived from it), batch=32768,
+    steps=100000, samples=16, fsdp=1, imagenet_dir (TFDS data_dir holding imagenet2012 for the
+    zero-shot eval; empty: no eval), loss=hetxl|clip|siglip and temperature ("": each loss's
+    usual one, or bounded_log | log_scale | fixed for all) for matched baselines
 
 Global batch 32k spread over the mesh's data (and optional FSDP) axes; HET-XL noise on the
 image embedding in the 512-d shared space, temperature learned in [0.01, 1] (log-bounded).
@@ -26,13 +28,14 @@ def get_config(arg=None):
             samples=16,
             fsdp=1,
             imagenet_dir="",
+            loss="hetxl",
+            temperature="",
         ),
     )
     tokenizer = (
         args["tokenizer"] if args["tokenizer"] == "minilm" else f"sentencepiece:{args['tokenizer']}"
     )
-    vocab_size = 30522 if tokenizer == "minilm" else 32_000
-    temperature, _ = blocks.contrastive_temperature("hetxl")
+    temperature, bias_init = blocks.contrastive_temperature(args["loss"], args["temperature"])
     evals = {}
     if args["imagenet_dir"]:
         evals["imagenet_zeroshot"] = blocks.imagenet_zeroshot(
@@ -59,19 +62,21 @@ def get_config(arg=None):
             text_tower=dict(
                 name="text_transformer",
                 variant="B",
-                vocab_size=vocab_size,
                 max_len=TEXT_LENGTH,
                 pool_type="last",
                 scan=True,
                 dtype_mm="bfloat16",
             ),
             embed_dim=512,
-            noise=blocks.hetxl_noise("hetxl", num_factors=16),
+            noise=blocks.hetxl_noise(args["loss"], num_factors=16),
+            bias_init=bias_init,
             temperature=temperature,
             image_size=IMAGE_SIZE,
             text_length=TEXT_LENGTH,
         ),
-        loss=blocks.loss_block("hetxl", samples=args["samples"], sample_chunk=4, column_chunk=4096),
+        loss=blocks.loss_block(
+            args["loss"], samples=args["samples"], sample_chunk=4, column_chunk=4096
+        ),
         optim=blocks.adamw(lr=1e-3, weight_decay=1e-4, warmup_steps=10_000, schedule="cosine"),
         total_steps=args["steps"],
         log_every=100,

@@ -1,7 +1,9 @@
 """The demo: contrastive image-text training on Fashion-MNIST on a laptop CPU, then zero-shot.
 
     python -m scripts.train --config configs/demo.py:loss=hetxl --workdir workdirs/demo
-    args: loss=hetxl|clip|siglip, epochs=3, batch=256, data_dir (the Fashion-MNIST IDX files)
+    args: loss=hetxl|clip|siglip, temperature ("" = the loss's usual one, or bounded_log |
+    log_scale | fixed: the same for every loss, for matched baselines), epochs=3, batch=256,
+    data_dir (the Fashion-MNIST IDX files)
 
 Images: the 60k Fashion-MNIST training images (28 px, grey -> RGB); texts: captions built from
 templates x synonyms x attributes that never equal a CLIP prompt. Towers: ViT (width 128, 4
@@ -20,10 +22,17 @@ def tower(width=128, depth=4) -> dict:
 
 def get_config(arg=None):
     args = blocks.parse_arg(
-        arg, dict(loss="hetxl", epochs=3.0, batch=256, data_dir=blocks.FASHION_MNIST_DIR)
+        arg,
+        dict(
+            loss="hetxl",
+            temperature="",
+            epochs=3.0,
+            batch=256,
+            data_dir=blocks.FASHION_MNIST_DIR,
+        ),
     )
     data_dir = args["data_dir"]
-    temperature, bias_init = blocks.contrastive_temperature(args["loss"])
+    temperature, bias_init = blocks.contrastive_temperature(args["loss"], args["temperature"])
     steps_per_epoch = -(
         -60_000 // args["batch"]
     )  # evaluations at whole epochs, the last at the end

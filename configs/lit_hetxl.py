@@ -4,7 +4,8 @@
         --workdir runs/lit
     args: npz (big_vision ViT-B/16 checkpoint), files (TFRecord glob), batch=16384,
     steps=50000, lock_text=false, imagenet_dir (TFDS data_dir holding imagenet2012 for the
-    zero-shot eval; empty: no eval)
+    zero-shot eval; empty: no eval), loss=hetxl|clip|siglip and temperature ("": each loss's
+    usual one, or bounded_log | log_scale | fixed for all) for matched baselines
 
 The image tower is frozen (no gradients through it, no optimizer state); the text tower starts
 from all-MiniLM-L6-v2 and is fine-tuned unless lock_text; both projections, the HET-XL noise
@@ -26,10 +27,12 @@ def get_config(arg=None):
             steps=50_000,
             lock_text=False,
             imagenet_dir="",
+            loss="hetxl",
+            temperature="",
         ),
     )
     freeze = ["img/(?!head/).*"] + (["txt/(?!head/).*"] if args["lock_text"] else [])
-    temperature, _ = blocks.contrastive_temperature("hetxl")
+    temperature, bias_init = blocks.contrastive_temperature(args["loss"], args["temperature"])
     evals = {}
     if args["imagenet_dir"]:
         evals["imagenet_zeroshot"] = blocks.imagenet_zeroshot(
@@ -52,13 +55,14 @@ def get_config(arg=None):
             image_tower=dict(name="vit", variant="B/16", pool_type="tok"),
             text_tower=dict(name="bert_minilm"),
             embed_dim=512,
-            noise=blocks.hetxl_noise("hetxl", num_factors=16),
+            noise=blocks.hetxl_noise(args["loss"], num_factors=16),
+            bias_init=bias_init,
             temperature=temperature,
             image_size=IMAGE_SIZE,
             text_length=TEXT_LENGTH,
         ),
         model_init=dict(image=dict(npz=args["npz"]), text="minilm"),
-        loss=blocks.loss_block("hetxl", samples=16, sample_chunk=4, column_chunk=4096),
+        loss=blocks.loss_block(args["loss"], samples=16, sample_chunk=4, column_chunk=4096),
         optim=blocks.adamw(lr=1e-3, weight_decay=1e-4, warmup_steps=5000, freeze=freeze),
         total_steps=args["steps"],
         log_every=100,

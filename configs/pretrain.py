@@ -14,8 +14,8 @@ args:
   tokenizer   minilm (MiniLM's WordPiece vocabulary, the default), wordpiece:/path/vocab.txt,
               sentencepiece:/path/model (e.g. from scripts.train_tokenizer); the text tower's
               vocabulary size is derived from it
-  loss        hetxl | clip | siglip (the baselines change nothing but the loss, its noise and
-              the temperature's parameterisation; see configs/blocks.py)
+  loss        hetxl | clip | siglip; temperature: "" (each loss's usual parameterisation) or
+              bounded_log | log_scale | fixed for all (a baseline then differs only in the noise)
   variant     "" (the small towers above) or a ViT size/patch such as S/16, B/16 (the text
               tower then takes the same size)
   image       image side in pixels; text_length: caption tokens
@@ -44,6 +44,7 @@ def get_config(arg=None):
             files="",
             tokenizer="minilm",
             loss="hetxl",
+            temperature="",
             variant="",
             image=64,
             text_length=32,
@@ -73,7 +74,7 @@ def get_config(arg=None):
         image_tower = dict(name="vit", patch_size=(patch, patch), pool_type="map", **SMALL_TOWER)
         text_tower = dict(name="text_transformer", **SMALL_TOWER)
     text_tower.update(max_len=text_length, pool_type="last")
-    temperature, bias_init = blocks.contrastive_temperature(args["loss"])
+    temperature, bias_init = blocks.contrastive_temperature(args["loss"], args["temperature"])
 
     evals = {}
     if args["val_files"]:

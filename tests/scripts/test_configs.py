@@ -181,3 +181,38 @@ def test_classify_reads_fashion_mnist_from_the_given_data_dir():
     assert values["input"]["source"]["data_dir"] == "/data/fmnist"
     sources = [block["input"]["source"] for block in values["evals"].values()]
     assert sources and all(source["data_dir"] == "/data/fmnist" for source in sources)
+
+
+MATCHED = {
+    "demo": "configs/demo.py:",
+    "clip_hetxl": "configs/clip_hetxl.py:",
+    "lit_hetxl": "configs/lit_hetxl.py:",
+    "pretrain": "configs/pretrain.py:files=x.tfrecord,",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MATCHED))
+def test_matched_baselines_differ_from_hetxl_only_in_the_noise(name):
+    """With one temperature parameterisation for all, "HET-XL - baseline" changes nothing but
+    the noise (and the loss that samples it; SigLIP adds its bias)."""
+    from flax.traverse_util import flatten_dict
+
+    def flat(loss):
+        spec = f"{MATCHED[name]}loss={loss},temperature=bounded_log"
+        return flatten_dict(load_config(spec).to_dict(), sep=".")
+
+    hetxl = flat("hetxl")
+    # SigLIP keeps its own start (tau 0.1 with bias -10), as its paper pairs them.
+    siglip = ("model.noise", "loss.", "model.bias", "model.temperature.init")
+    allowed = {"clip": ("model.noise", "loss."), "siglip": siglip}
+    for loss, prefixes in allowed.items():
+        other = flat(loss)
+        differing = {k for k in hetxl.keys() | other.keys() if hetxl.get(k) != other.get(k)}
+        assert differing and all(k.startswith(prefixes) for k in differing), (loss, differing)
+        assert other["model.temperature.mode"] == "bounded_log"
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_the_pod_config_validates_as_a_baseline(loss):
+    values = validate_config(load_config(f"configs/clip_hetxl.py:loss={loss}"))
+    assert values["loss"]["name"] == loss and values["model"]["noise"] is None
