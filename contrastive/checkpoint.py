@@ -5,13 +5,19 @@ One checkpoint per step, written by orbax under `directory/<step>/`:
     state/                        the TrainState (tensorstore/OCDBT), sharded as it was in memory
     input_state/process_<i>-of-<n>.npy
                                   each process's input-iterator position (a small numpy array)
-    metadata/metadata             JSON (config, counters)
+    metadata/metadata             JSON (config, counters, a checksum of every state array)
 
 Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when every item of every
 process is written, so a crash mid-save leaves only a temporary directory, which `latest_step`
 ignores and the next `Checkpointer` on the directory deletes. The input states live inside the
 step directory for the same reason: they appear, and are deleted (keep=N), together with the
 state they belong to.
+
+Every restore verifies what it read: the checksum recorded for each array when it was written
+(contrastive/integrity.py), the input state's CRC, and that every parameter is finite. A step that
+fails (or that orbax cannot read at all) raises DamagedCheckpoint; `restore_latest_intact` then
+reports it in one line, sets its directory aside as `<step>.damaged` (never deleting it) and
+falls back to the next older step.
 
 Typed PRNG keys (`jax.random.key`) are saved and restored by orbax as they are; no unwrapping is
 needed.
@@ -46,6 +52,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from contrastive import storage
+from contrastive.integrity import array_checksums, bytes_checksum, differing, nonfinite_arrays
 from contrastive.storage import CHECKPOINT_SCHEMES
 
 logger = logging.getLogger(__name__)
@@ -57,6 +64,19 @@ METADATA_ITEM = "metadata"
 
 def _input_state_filename(process_index: int, process_count: int) -> str:
     return f"process_{process_index}-of-{process_count}.npy"
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that cannot be read or does not match what was written."""
+
+    def __init__(self, step: int, reason: str):
+        self.step, self.reason = step, reason
+        super().__init__(f"checkpoint {step} is damaged: {reason}")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 @dataclasses.dataclass
@@ -90,14 +110,16 @@ class _InputStateHandler(ocp.CheckpointHandler):
             return
         buffer = io.BytesIO()
         np.save(buffer, args.array, allow_pickle=False)
-        (directory / self._filename).write_bytes(buffer.getvalue())
+        data = buffer.getvalue()
+        (directory / self._filename).write_bytes(data)
+        (directory / f"{self._filename}.crc32").write_text(str(bytes_checksum(data)))
 
     def restore(
         self, directory: epath.Path, args: _InputStateRestore | None = None
     ) -> np.ndarray | None:
         path = directory / self._filename
         if path.exists():
-            return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+            return _load_checked(path)
         others = sorted(p.name for p in directory.iterdir() if p.name.endswith(".npy"))
         first = [name for name in others if name.startswith("process_0-of-")]
         if first:
@@ -111,8 +133,30 @@ class _InputStateHandler(ocp.CheckpointHandler):
                 self._filename,
                 first[0],
             )
-            return np.load(io.BytesIO((directory / first[0]).read_bytes()), allow_pickle=False)
+            return _load_checked(directory / first[0])
         return None
+
+
+def _load_checked(path: epath.Path) -> np.ndarray:
+    data = path.read_bytes()
+    crc_path = path.parent / f"{path.name}.crc32"
+    if crc_path.exists() and int(crc_path.read_text()) != bytes_checksum(data):
+        raise ValueError(f"input state {path.name} does not match the CRC written with it")
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _verify(step: int, recorded: dict, actual: dict, params: Any) -> None:
+    """Raises DamagedCheckpoint unless the arrays match their checksums and params are finite."""
+    bad = differing(recorded, actual)
+    if bad:
+        raise DamagedCheckpoint(
+            step, f"{len(bad)} array(s) differ from the checksums written with them, e.g. {bad[0]}"
+        )
+    nonfinite = nonfinite_arrays(params)
+    if nonfinite:
+        raise DamagedCheckpoint(
+            step, f"non-finite parameters in {len(nonfinite)} array(s), e.g. {nonfinite[0]}"
+        )
 
 
 def _abstract_leaf(path: Any, leaf: Any) -> jax.ShapeDtypeStruct:
@@ -208,6 +252,9 @@ class Checkpointer:
         # A JSON snapshot: orbax serializes JSON in its background thread, so the caller's dict
         # must not be shared with it; this also reports unserializable values here, not later.
         metadata_snapshot = json.loads(json.dumps(metadata or {}))
+        # Computed on the devices before the save starts, so the state's buffers may then be
+        # donated (a collective: every process calls save).
+        metadata_snapshot["integrity"] = {"state": array_checksums(state)}
         if step in self._manager.all_steps():
             logger.info(
                 "checkpoint %d already exists in %s; not saving it again", step, self.directory
@@ -247,32 +294,91 @@ class Checkpointer:
         """
         self._require_finalized(step)
         target = jax.tree_util.tree_map_with_path(_abstract_leaf, abstract_state)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE_ITEM: ocp.args.StandardRestore(target),
-                    INPUT_STATE_ITEM: _InputStateRestore(),
-                    METADATA_ITEM: ocp.args.JsonRestore(),
-                }
-            ),
-        )
-        return restored[STATE_ITEM], restored[INPUT_STATE_ITEM], dict(restored[METADATA_ITEM])
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        STATE_ITEM: ocp.args.StandardRestore(target),
+                        INPUT_STATE_ITEM: _InputStateRestore(),
+                        METADATA_ITEM: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
+            state, metadata = restored[STATE_ITEM], dict(restored[METADATA_ITEM])
+        except Exception as error:  # noqa: BLE001 - whatever orbax hit reading it
+            raise DamagedCheckpoint(step, _first_line(error)) from error
+        recorded = (metadata.pop("integrity", None) or {}).get("state") or {}
+        _verify(step, recorded, array_checksums(state), getattr(state, "params", state))
+        return state, restored[INPUT_STATE_ITEM], metadata
+
+    def restore_latest_intact(
+        self, abstract_state: Any, report=logger.warning
+    ) -> tuple[int, Any, np.ndarray | None, dict] | None:
+        """(step, state, input state, metadata) of the newest checkpoint that restores and
+        verifies, or None when there is no checkpoint at all.
+
+        Each damaged newer step is reported (one line through `report`) and moved aside to
+        `<step>.damaged`, kept for inspection. Raises DamagedCheckpoint when every step is
+        damaged.
+        """
+        damaged = []
+        for step in reversed(self.all_steps()):
+            try:
+                return (step, *self.restore(step, abstract_state))
+            except DamagedCheckpoint as damage:
+                report(f"{damage}; set aside as {step}.damaged, trying an older one")
+                damaged.append(damage)
+                self._set_aside(step)
+        if damaged:
+            raise DamagedCheckpoint(
+                damaged[-1].step,
+                f"no intact checkpoint left in {self.directory} (every step failed; the "
+                "damaged ones are kept as <step>.damaged). Start over in a new workdir",
+            )
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        """Renames the step's directory to <step>.damaged (the primary process does it)."""
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            source = self.directory / str(step)
+            target = self.directory / f"{step}.damaged"
+            suffix = 1
+            while target.exists():
+                target = self.directory / f"{step}.damaged-{suffix}"
+                suffix += 1
+            source.rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+        self._manager.reload()
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the parameters of finalized checkpoint `step` (no optimizer state, no input
         position): what evaluation needs, read straight into abstract_params' shardings."""
         self._require_finalized(step)
         target = {"params": jax.tree_util.tree_map_with_path(_abstract_leaf, abstract_params)}
-        restored = ocp.PyTreeCheckpointer().restore(
-            self.directory / str(step) / STATE_ITEM,
-            args=ocp.args.PyTreeRestore(
-                item=target,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True,
-            ),
-        )
-        return restored["params"]
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                self.directory / str(step) / STATE_ITEM,
+                args=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                ),
+            )
+            metadata = json.loads(
+                (self.directory / str(step) / METADATA_ITEM / "metadata").read_text()
+            )
+        except Exception as error:  # noqa: BLE001
+            raise DamagedCheckpoint(step, _first_line(error)) from error
+        params = restored["params"]
+        recorded = (metadata.get("integrity") or {}).get("state") or {}
+        # The state's paths start with ".params" (a TrainState attribute).
+        actual = {f".params{path}": value for path, value in array_checksums(params).items()}
+        _verify(step, recorded, actual, params)
+        return params
 
     def _require_finalized(self, step: int) -> None:
         """Waits for the save in flight; raises FileNotFoundError unless `step` is on disk."""

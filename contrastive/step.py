@@ -28,6 +28,8 @@ class TrainState:
     step: i32[], the number of updates applied or skipped so far.
     rng: the base key; step t uses fold_in(rng, t), so a resumed run draws what the original would.
     nonfinite_in_a_row: i32[], consecutive skipped (non-finite) updates.
+    nonfinite_updates: i32[], all skipped updates of the run (the trainer logs the difference
+      between log steps, so none goes uncounted between two of them).
     """
 
     step: jax.Array
@@ -35,6 +37,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     nonfinite_in_a_row: jax.Array
+    nonfinite_updates: jax.Array
 
 
 def abstract_train_state(
@@ -74,6 +77,7 @@ def _fresh_state(params, optimizer, rng) -> TrainState:
         opt_state=optimizer.init(params),
         rng=jax.random.fold_in(rng, 1),
         nonfinite_in_a_row=jnp.zeros((), jnp.int32),
+        nonfinite_updates=jnp.zeros((), jnp.int32),
     )
 
 
@@ -150,6 +154,7 @@ def make_train_step(
             opt_state=keep(new_opt_state, state.opt_state),
             rng=state.rng,
             nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+            nonfinite_updates=state.nonfinite_updates + 1 - finite.astype(jnp.int32),
         )
         metrics = {
             **metrics,

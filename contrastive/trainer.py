@@ -175,12 +175,16 @@ def train(config, workdir: str) -> TrainResult:
         log_primary(report_frozen(experiment.abstract_params(), freeze_rules).summary())
 
     # --- State: restored from the latest checkpoint, or fresh
+    restored = None
     if latest is not None:
         abstract, shardings = experiment.abstract_state()
-        state, input_state, _ = checkpointer.restore(latest, abstract)
+        # A damaged newest checkpoint is reported, set aside and an older one taken.
+        restored = checkpointer.restore_latest_intact(abstract, report=log_primary)
+    if restored is not None:
+        step, state, input_state, _ = restored
         if input_state is not None:
             train_iter.set_state(input_state)
-        log_primary(f"resumed from step {latest} in {workdir}")
+        log_primary(f"resumed from step {step} in {workdir}")
     else:
         load_params = task.load_params
         if values.get("init_from"):
@@ -205,6 +209,8 @@ def train(config, workdir: str) -> TrainResult:
     progress = Progress(num_steps, first_step, train_input.batch_size, mesh.size)
     last_metrics: dict = {}
     preempted = False
+    # Skipped updates counted up to the last log line; each line reports those since.
+    nonfinite_logged = int(state.nonfinite_updates)
 
     def save(step):
         checkpointer.save(
@@ -228,6 +234,9 @@ def train(config, workdir: str) -> TrainResult:
             sync_point = due_log or due_checkpoint or bool(due_evals)
             if due_log or due_evals:
                 metrics = jax.device_get(metrics)
+                nonfinite_total = int(state.nonfinite_updates)
+                metrics["nonfinite"] = nonfinite_total - nonfinite_logged
+                nonfinite_logged = nonfinite_total
                 metrics["learning_rate"] = float(schedule(step - 1))
                 metrics["examples_per_sec"] = progress.rate(step)
                 metrics.update({f"skipped_{k}": v for k, v in train_iter.skipped().items()})

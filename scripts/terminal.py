@@ -66,7 +66,8 @@ def run(main: Callable[[], int | None]) -> int:
 
     A mistake in the config or its overrides (ConfigError) prints "error: invalid config" and
     one line per problem, exit status 2; a run halted on non-finite updates prints why, exit
-    status 3. Neither is a bug, so neither gets a traceback; everything else keeps its own.
+    status 3; a workdir whose checkpoints are all damaged, exit status 4. None of them is a bug,
+    so none gets a traceback; everything else keeps its own.
     """
     from scripts.host_memory import keep_host_memory
 
@@ -86,4 +87,7 @@ def run(main: Callable[[], int | None]) -> int:
         if isinstance(error, FloatingPointError):
             print(f"error: {error}", file=sys.stderr)
             return 3
+        if type(error).__name__ == "DamagedCheckpoint":  # contrastive.checkpoint's, by name:
+            print(f"error: {error}", file=sys.stderr)  # importing it here would load orbax
+            return 4
         raise

@@ -38,6 +38,7 @@ def build_state(seed):
         opt_state=opt_state,
         rng=keys[3],
         nonfinite_in_a_row=jnp.asarray(2, jnp.int32),
+        nonfinite_updates=jnp.asarray(5, jnp.int32),
     )
 
 

@@ -119,6 +119,9 @@ def test_nonfinite_loss_skips_the_update_and_is_counted():
     state, metrics = step(state, batch)
     assert int(metrics["nonfinite"]) == 0 and int(state.nonfinite_in_a_row) == 0
     assert int(state.step) == 3
+    # The run's total keeps the two skipped updates after the streak ends.
+    state, _ = step(state, poisoned)
+    assert int(state.nonfinite_in_a_row) == 1 and int(state.nonfinite_updates) == 3
 
 
 def test_mesh_sizes_are_validated():
