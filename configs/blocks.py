@@ -59,6 +59,29 @@ def fashion_mnist_input(
     return block
 
 
+def caption_records_input(
+    files: str,
+    image_ops: str,
+    text_length: int,
+    tokenizer: str,
+    batch_size: int,
+    shuffle_buffer: int,
+) -> dict:
+    """Image-caption TFRecords (scripts.make_tfrecords) for training: image_ops (e.g.
+    "inception_crop(224)|flip_lr") then [-1, 1] values, captions tokenized to text_length."""
+    return dict(
+        source=dict(name="tfrecord", files=files),
+        pp=(
+            f"decode|{image_ops}|value_range(-1, 1)|"
+            f"tokenize(max_len={text_length}, model={tokenizer!r})"
+        ),
+        batch_size=batch_size,
+        shuffle_buffer=shuffle_buffer,
+        seed=0,
+        prefetch=2,
+    )
+
+
 def zeroshot_eval(
     dataset: str, input_block: dict, text_length: int, every_steps: int, tokenizer: str = "minilm"
 ) -> dict:

@@ -44,16 +44,13 @@ def get_config(arg=None):
     return blocks.config_dict(
         task="contrastive",
         seed=0,
-        input=dict(
-            source=dict(name="tfrecord", files=args["files"]),
-            pp=(
-                f"decode|inception_crop({IMAGE_SIZE})|flip_lr|value_range(-1, 1)|"
-                f"tokenize(max_len={TEXT_LENGTH}, model='{tokenizer}')"
-            ),
-            batch_size=args["batch"],
+        input=blocks.caption_records_input(
+            args["files"],
+            f"inception_crop({IMAGE_SIZE})|flip_lr",
+            TEXT_LENGTH,
+            tokenizer,
+            args["batch"],
             shuffle_buffer=250_000,
-            seed=0,
-            prefetch=2,
         ),
         model=dict(
             image_tower=dict(

@@ -41,15 +41,13 @@ def get_config(arg=None):
     return blocks.config_dict(
         task="contrastive",
         seed=0,
-        input=dict(
-            source=dict(name="tfrecord", files=args["files"]),
-            pp=(
-                f"decode|resize_small(256)|central_crop({IMAGE_SIZE})|value_range(-1, 1)|"
-                f"tokenize(max_len={TEXT_LENGTH}, model='minilm')"
-            ),
-            batch_size=args["batch"],
+        input=blocks.caption_records_input(
+            args["files"],
+            f"resize_small(256)|central_crop({IMAGE_SIZE})",
+            TEXT_LENGTH,
+            "minilm",
+            args["batch"],
             shuffle_buffer=100_000,
-            seed=0,
         ),
         model=dict(
             image_tower=dict(name="vit", variant="B/16", pool_type="tok"),

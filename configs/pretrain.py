@@ -94,16 +94,13 @@ def get_config(arg=None):
     return blocks.config_dict(
         task="contrastive",
         seed=0,
-        input=dict(
-            source=dict(name="tfrecord", files=args["files"]),
-            pp=(
-                f"decode|inception_crop({image})|flip_lr|value_range(-1, 1)|"
-                f"tokenize(max_len={text_length}, model={tokenizer!r})"
-            ),
-            batch_size=args["batch"],
+        input=blocks.caption_records_input(
+            args["files"],
+            f"inception_crop({image})|flip_lr",
+            text_length,
+            tokenizer,
+            args["batch"],
             shuffle_buffer=min(250_000, 50 * args["batch"]),
-            seed=0,
-            prefetch=2,
         ),
         # image_size, text_length and the text vocabulary are derived from the op string.
         model=dict(
