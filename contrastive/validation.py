@@ -351,8 +351,13 @@ def _check_optimizer(values: dict, param_shapes, problems: Problems) -> None:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
+    """The error's first line; the type is named only when it is not an ordinary value error."""
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    lines = str(text).strip().splitlines()
+    first = lines[0] if lines else ""
+    if isinstance(error, (ValueError, KeyError, TypeError)):
+        return first
+    return f"{type(error).__name__}: {first}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -135,6 +135,16 @@ def run(
     output = _Output(stdout or sys.stdout, stderr or sys.stderr)
     port = port or free_port()
     argv = resolve_command(command)
+    # Handlers first: a signal that arrives while the children start is passed on to them once
+    # they run, instead of killing the launcher and orphaning them.
+    signals_received: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        signals_received.append(signum)
+
+    previous_handlers = {
+        sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     children: list[subprocess.Popen] = []
     for process_id in range(processes):
         children.append(
@@ -174,14 +184,6 @@ def run(
                 except ProcessLookupError:
                     pass
 
-    signals_received: list[int] = []
-
-    def on_signal(signum, frame) -> None:
-        signals_received.append(signum)
-
-    previous_handlers = {
-        sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
     first_failure: tuple[int, int] | None = None
     kill_at: float | None = None
     forwarded = 0

@@ -79,7 +79,7 @@ def test_a_broken_config_is_one_line_per_problem_and_exit_status_2(tmp_path):
         "--workdir",
         str(tmp_path / "run"),
         "--config",
-        "configs/clip_hetxl.py",
+        "configs/bench_ti.py",
         "--config.model.text_tower.vocab_size=1000",
         "--config.loss.num_samples=0",
         "--config.optim.lr=-1.0",
