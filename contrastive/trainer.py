@@ -144,6 +144,20 @@ def train(config, workdir: str) -> TrainResult:
     train_input = validate_input_config(values["input"])
     num_steps = resolve_total_steps(values)
 
+    # --- Mesh and input
+    mesh = make_mesh(values.get("mesh"))
+    accum_steps = values.get("accum_steps", 1)
+    check_microbatching(train_input.batch_size, accum_steps, mesh.size)
+    # Images cross to the devices as uint8 (a quarter of the bytes of float32) and are scaled
+    # inside the step; the next batches are already on their way to the devices.
+    # Opened before anything is written: training data that is not there leaves no trace.
+    try:
+        train_iter = make_global_iterator(
+            train_input, mesh, BATCH_AXES, uint8_images=True, device_prefetch=2
+        )
+    except FileNotFoundError as error:
+        raise ConfigError(f"input.source: {error}") from None
+
     # --- A resumed run must be the same run (checked before anything is written)
     config_path = storage.join(workdir, "config.json")
     checkpoint = values.get("checkpoint") or {}
@@ -155,16 +169,6 @@ def train(config, workdir: str) -> TrainResult:
     latest = checkpointer.latest_step()
     if latest is not None and storage.exists(config_path):
         check_resume_compatible(json.loads(storage.read_text(config_path)), values, workdir)
-
-    # --- Mesh and input
-    mesh = make_mesh(values.get("mesh"))
-    accum_steps = values.get("accum_steps", 1)
-    check_microbatching(train_input.batch_size, accum_steps, mesh.size)
-    # Images cross to the devices as uint8 (a quarter of the bytes of float32) and are scaled
-    # inside the step; the next batches are already on their way to the devices.
-    train_iter = make_global_iterator(
-        train_input, mesh, BATCH_AXES, uint8_images=True, device_prefetch=2
-    )
 
     # --- Model, objective, optimizer, step (contrastive/experiment.py, shared with evaluation
     # and the benchmark)
