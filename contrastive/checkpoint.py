@@ -368,9 +368,9 @@ class Checkpointer:
                     partial_restore=True,
                 ),
             )
-            metadata = json.loads(
-                (self.directory / str(step) / METADATA_ITEM / "metadata").read_text()
-            )
+            metadata = self._manager.restore(
+                step, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()})
+            )[METADATA_ITEM]
         except Exception as error:  # noqa: BLE001
             raise DamagedCheckpoint(step, _first_line(error)) from error
         params = restored["params"]

@@ -35,7 +35,7 @@ from contrastive.experiment import build_model, build_task, loss_from_config, re
 from contrastive.mesh import make_mesh
 from contrastive.optim import make_optimizer, validate_optim_config
 from data.config import InputConfig, validate_input_config
-from data.preprocess import PP_OPS, parse_pp
+from data.preprocess import PP_OPS, parse_op, split_ops
 from data.tokenizers import make_tokenizer
 
 # Ops that leave images at a fixed (height, width), and the argument that sets it.
@@ -109,7 +109,9 @@ def _check_inputs(values: dict, problems: Problems) -> dict[str, InputConfig]:
 def _bound_op_arguments(pp: str) -> list[tuple[str, dict[str, Any]]]:
     """(op name, every argument by name, defaults included) for each op of a valid op string."""
     bound = []
-    for name, args, kwargs in parse_pp(pp).ops:
+    # Parsed only (parse_pp would build every op again, tokenizers included): the string was
+    # validated with its input block already.
+    for name, args, kwargs in (parse_op(text) for text in split_ops(pp) if text):
         signature = inspect.signature(PP_OPS.get(name))
         arguments = signature.bind(*args, **kwargs)
         arguments.apply_defaults()
@@ -169,24 +171,22 @@ def _derive_shapes(values: dict, train: InputConfig, task: str, problems: Proble
         return
     try:
         tokenizer_vocab = tokenizer_vocab_size(spec)
-    except (ValueError, OSError) as error:  # already reported with the op string
-        del error
+    except (ValueError, OSError):  # already reported with the op string
         return
     name = tower.get("name")
-    if name in FIXED_VOCABULARIES:
-        if tokenizer_vocab > FIXED_VOCABULARIES[name]:
-            problems.append(
-                f"input.pp: tokenizer {spec!r} has {tokenizer_vocab} ids, the {name} text tower "
-                f"embeds {FIXED_VOCABULARIES[name]}; use its own vocabulary (model='minilm')"
-            )
+    if name not in FIXED_VOCABULARIES and tower.get("vocab_size") is None:
+        model["text_tower"] = {**tower, "vocab_size": tokenizer_vocab}
+    vocab = _text_vocab_size(model)
+    if vocab is None or vocab >= tokenizer_vocab:
         return
-    tower = model["text_tower"] = dict(tower)
-    given = tower.get("vocab_size")
-    if given is None:
-        tower["vocab_size"] = tokenizer_vocab
-    elif isinstance(given, int) and given < tokenizer_vocab:
+    if name in FIXED_VOCABULARIES:
         problems.append(
-            f"model.text_tower.vocab_size={given} is smaller than the {spec!r} tokenizer's "
+            f"input.pp: tokenizer {spec!r} has {tokenizer_vocab} ids, the {name} text tower "
+            f"embeds {vocab}; use its own vocabulary (model='minilm')"
+        )
+    else:
+        problems.append(
+            f"model.text_tower.vocab_size={vocab} is smaller than the {spec!r} tokenizer's "
             f"{tokenizer_vocab} ids (input.pp): larger ids would embed as NaN. Set it to "
             f"{tokenizer_vocab}, or leave it out to derive it"
         )
