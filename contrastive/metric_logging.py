@@ -48,19 +48,24 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class MetricLogger:
-    """write(step, metrics) -> TensorBoard scalars + one metrics.jsonl line (process 0 only)."""
+    """write(step, metrics) -> TensorBoard scalars + one metrics.jsonl line (process 0 only).
+
+    rows: what metrics.jsonl holds (process 0), kept in memory so plots need not re-read it.
+    """
 
     def __init__(self, workdir: str, resume_step: int = 0, primary: bool | None = None):
         self.primary = jax.process_index() == 0 if primary is None else primary
         self.path = storage.join(workdir, METRICS_FILE)
         self.writer = None
         self.file = None
+        self.rows: list[dict] = []
         if not self.primary:
             return
         kept = [row for row in read_metrics(workdir) if row["step"] <= resume_step]
         # One handle for the whole run: object stores cannot append to a closed object.
         self.file = storage.open_for_writing(self.path)
         self.file.write("".join(json.dumps(row) + "\n" for row in kept))
+        self.rows = kept
         self.file.flush()
         # Built by hand rather than with create_default_writer, which passes the folder through
         # etils.epath (no ram:// there); TF's summary writer itself takes any gfile URL.
@@ -79,6 +84,7 @@ class MetricLogger:
             }
             self.file.write(json.dumps(serializable) + "\n")
             self.file.flush()
+            self.rows.append(serializable)
         return row
 
     def close(self) -> None:

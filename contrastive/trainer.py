@@ -30,7 +30,6 @@ from contrastive.metric_logging import (
     Progress,
     format_metrics,
     log_primary,
-    read_metrics,
 )
 from contrastive.report import plot_curves
 from contrastive.step import (
@@ -236,9 +235,12 @@ def train(config, workdir: str) -> TrainResult:
                 n: e for n, (every, e) in evaluators.items() if step % every == 0 or is_last
             }
             sync_point = due_log or due_checkpoint or bool(due_evals)
+            if sync_point:  # one read of both counters
+                in_a_row, nonfinite_total = map(
+                    int, jax.device_get((state.nonfinite_in_a_row, state.nonfinite_updates))
+                )
             if due_log or due_evals:
                 metrics = jax.device_get(metrics)
-                nonfinite_total = int(state.nonfinite_updates)
                 metrics["nonfinite"] = nonfinite_total - nonfinite_logged
                 nonfinite_logged = nonfinite_total
                 metrics["learning_rate"] = float(schedule(step - 1))
@@ -254,11 +256,11 @@ def train(config, workdir: str) -> TrainResult:
                 progress.rate(step)  # evaluation time does not count against throughput
                 last_metrics = logger.write(step, metrics)
                 if due_evals and jax.process_index() == 0:
-                    plot_curves(read_metrics(workdir), storage.join(workdir, "curves.png"))
-            if sync_point and int(state.nonfinite_in_a_row) >= max_nonfinite:
+                    plot_curves(logger.rows, storage.join(workdir, "curves.png"))
+            if sync_point and in_a_row >= max_nonfinite:
                 checkpointer.wait_until_finished()
                 raise FloatingPointError(
-                    f"{int(state.nonfinite_in_a_row)} non-finite updates in a row at step {step}; "
+                    f"{in_a_row} non-finite updates in a row at step {step}; "
                     "the last checkpoint holds finite parameters. Likely causes: a learning rate "
                     "too high for the batch (optim.lr, a longer warmup), a temperature allowed "
                     "too low (model.temperature), no gradient clipping (optim.clip_norm), or "
