@@ -39,7 +39,7 @@ import sys
 import time
 
 from scripts import terminal
-from scripts.config_loader import OVERRIDE_HELP, load_config, parse_args_with_overrides
+from scripts.config_loader import add_config_flag, load_config, parse_args_with_overrides
 from scripts.host_memory import host_memory_kept
 
 # jax and the project's packages are imported where used, after main has parsed its flags and
@@ -301,23 +301,17 @@ def main(argv: list[str] | None = None) -> None:
     loss.add_argument("--repeats", type=int, default=10)
     loss.add_argument("--json", action="store_true")
     step = commands.add_parser("step", help="the whole train step of a config")
-    step.add_argument("--config", required=True, help=OVERRIDE_HELP)
-    step.add_argument(
-        "--loss",
-        choices=("clip", "siglip", "hetxl"),
-        default=None,
-        help="appended to the config's argument as loss=... (it wins over one given there)",
-    )
+    loop = commands.add_parser("loop", help="the train loop's cost around the compiled step")
+    for command in (step, loop):
+        add_config_flag(command)
+        command.add_argument(
+            "--loss",
+            choices=("clip", "siglip", "hetxl"),
+            default=None,
+            help="appended to the config's argument as loss=... (it wins over one given there)",
+        )
     step.add_argument("--repeats", type=int, default=10)
     step.add_argument("--json", action="store_true")
-    loop = commands.add_parser("loop", help="the train loop's cost around the compiled step")
-    loop.add_argument("--config", required=True, help=OVERRIDE_HELP)
-    loop.add_argument(
-        "--loss",
-        choices=("clip", "siglip", "hetxl"),
-        default=None,
-        help="appended to the config's argument as loss=... (it wins over one given there)",
-    )
     loop.add_argument("--steps", type=int, default=20, help="steps per variant")
     loop.add_argument("--log_every", type=int, default=10, help="steps between sync points")
     loop.add_argument("--rounds", type=int, default=2, help="timed rounds (best one reported)")
