@@ -39,7 +39,8 @@ def get_config(arg=None):
             image_size=IMAGE_SIZE,
             text_length=TEXT_LENGTH,
         ),
-        loss=blocks.loss_block(args["loss"], samples=args["samples"], sample_chunk=8),
+        loss=blocks.loss_block(args["loss"]),
+        sampling=blocks.sampling(args["samples"], chunk=8),
         optim=blocks.adamw(lr=1e-3, weight_decay=1e-4, warmup_steps=0),
         total_steps=1000,
     )

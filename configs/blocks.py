@@ -146,20 +146,17 @@ def adamw(
     )
 
 
-def loss_block(
-    name: str, samples: int = 16, sample_chunk: int = 8, column_chunk: int = 1024
-) -> dict:
-    """clip | siglip | hetxl with its options (HET-XL: MC samples and chunk sizes)."""
-    if name == "hetxl":
-        return dict(
-            name=name,
-            num_samples=samples,
-            sample_chunk_size=sample_chunk,
-            column_chunk_size=column_chunk,
-        )
-    if name in ("clip", "siglip"):
-        return dict(name=name, column_chunk_size=column_chunk)
-    raise ValueError(f"loss {name!r} is unknown; known: ['clip', 'hetxl', 'siglip']")
+def loss_block(name: str, column_chunk: int = 1024) -> dict:
+    """clip | siglip | hetxl, scoring column_chunk texts at once (HET-XL's Monte-Carlo
+    settings are the separate sampling block)."""
+    if name not in ("clip", "hetxl", "siglip"):
+        raise ValueError(f"loss {name!r} is unknown; known: ['clip', 'hetxl', 'siglip']")
+    return dict(name=name, column_chunk_size=column_chunk)
+
+
+def sampling(samples: int = 16, chunk: int = 8) -> dict:
+    """The Monte-Carlo sampling block: S samples in training and evaluation, chunk at a time."""
+    return dict(train_samples=samples, eval_samples=samples, chunk_size=chunk)
 
 
 TEMPERATURES = ("bounded_log", "log_scale", "fixed")

@@ -3,7 +3,10 @@
     python -m scripts.train --config configs/classify.py:head=hetxl --workdir runs/classify
     args: head=det|het|hetxl, dataset (a TFDS image-label dataset, default: the Fashion-MNIST
     files), data_dir (the TFDS data_dir, or the folder of the Fashion-MNIST IDX files),
-    classes=10, steps=2000, batch=256, samples=16, factors=8
+    classes=10, steps=2000, batch=256, samples=16, factors=8,
+    label_noise_confusable=0.0, label_noise_other=0.0, label_noise_seed=0 (input-dependent label
+    noise on the Fashion-MNIST training labels, data/fashion_mnist.py), tau=0.0 (> 0: a fixed
+    temperature for any head)
 
 HET-XL learns its temperature (bounded in [0.05, 5], starting mid-range as in the paper); DET and
 HET use a fixed tau = 1 (HET's is tuned on held-out data in the papers: override
@@ -26,9 +29,16 @@ def get_config(arg=None):
             samples=16,
             factors=8,
             image_size=28,
+            label_noise_confusable=0.0,
+            label_noise_other=0.0,
+            label_noise_seed=0,
+            tau=0.0,
         ),
     )
     size = args["image_size"]
+    label_noise = {k: v for k, v in args.items() if k.startswith("label_noise_")}
+    if args["dataset"] and (args["label_noise_confusable"] or args["label_noise_other"]):
+        raise ValueError("label noise is an option of the Fashion-MNIST files, not of a dataset")
     if args["dataset"]:
 
         def source(split):
@@ -44,7 +54,10 @@ def get_config(arg=None):
 
         def source(split):
             data_dir = args["data_dir"] or blocks.FASHION_MNIST_DIR
-            return dict(name="fashion_mnist", data_dir=data_dir, split=split)
+            block = dict(name="fashion_mnist", data_dir=data_dir, split=split)
+            if split == "train":  # evaluation keeps the clean test labels
+                block.update(label_noise)
+            return block
 
     # Label-only sources still attach a caption built from the class names: not needed here.
     pp = f"decode|resize({size})|value_range(-1, 1)|drop('text')"
@@ -53,6 +66,8 @@ def get_config(arg=None):
         if args["head"] == "hetxl"
         else dict(mode="fixed", init=1.0)
     )
+    if args["tau"] > 0:
+        temperature = dict(mode="fixed", init=args["tau"])
     return blocks.config_dict(
         task="classification",
         seed=0,
@@ -76,15 +91,11 @@ def get_config(arg=None):
             num_classes=args["classes"],
             head=args["head"],
             likelihood="softmax",
-            noise=dict(
-                num_factors=args["factors"],
-                train_samples=args["samples"],
-                eval_samples=args["samples"],
-                sample_chunk_size=8,
-            ),
+            noise=dict(num_factors=args["factors"]),
             temperature=temperature,
             image_size=size,
         ),
+        sampling=blocks.sampling(args["samples"], chunk=8),
         optim=blocks.adamw(lr=2e-3, weight_decay=1e-4, warmup_steps=100),
         total_steps=args["steps"],
         log_every=50,

@@ -71,9 +71,8 @@ def get_config(arg=None):
             image_size=IMAGE_SIZE,
             text_length=TEXT_LENGTH,
         ),
-        loss=blocks.loss_block(
-            args["loss"], samples=args["samples"], sample_chunk=4, column_chunk=4096
-        ),
+        loss=blocks.loss_block(args["loss"], column_chunk=4096),
+        sampling=blocks.sampling(args["samples"], chunk=4),
         optim=blocks.adamw(lr=1e-3, weight_decay=1e-4, warmup_steps=10_000, schedule="cosine"),
         total_steps=args["steps"],
         log_every=100,

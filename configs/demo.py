@@ -3,7 +3,9 @@
     python -m scripts.train --config configs/demo.py:loss=hetxl --workdir workdirs/demo
     args: loss=hetxl|clip|siglip, temperature ("" = the loss's usual one, or bounded_log |
     log_scale | fixed: the same for every loss, for matched baselines), epochs=3, batch=256,
-    data_dir (the Fashion-MNIST IDX files)
+    data_dir (the Fashion-MNIST IDX files), label_noise_confusable=0.0, label_noise_other=0.0,
+    label_noise_seed=0 (input-dependent caption noise: data/fashion_mnist.py), zeroshot_mc=False
+    (also the Monte-Carlo zero-shot metrics of the HET-XL prediction)
 
 Images: the 60k Fashion-MNIST training images (28 px, grey -> RGB); texts: captions built from
 templates x synonyms x attributes that never equal a CLIP prompt. Towers: ViT (width 128, 4
@@ -29,6 +31,10 @@ def get_config(arg=None):
             epochs=3.0,
             batch=256,
             data_dir=blocks.FASHION_MNIST_DIR,
+            label_noise_confusable=0.0,
+            label_noise_other=0.0,
+            label_noise_seed=0,
+            zeroshot_mc=False,
         ),
     )
     data_dir = args["data_dir"]
@@ -36,12 +42,23 @@ def get_config(arg=None):
     steps_per_epoch = -(
         -60_000 // args["batch"]
     )  # evaluations at whole epochs, the last at the end
+    train_input = blocks.fashion_mnist_input(
+        "train", args["batch"], IMAGE_SIZE, TEXT_LENGTH, True, data_dir
+    )
+    # Caption noise on the training images only: zero-shot is scored on the clean test labels.
+    train_input["source"].update({k: v for k, v in args.items() if k.startswith("label_noise_")})
+    zeroshot = blocks.zeroshot_eval(
+        "fashion_mnist",
+        blocks.fashion_mnist_input("test", 512, IMAGE_SIZE, TEXT_LENGTH, False, data_dir),
+        TEXT_LENGTH,
+        every_steps=steps_per_epoch,
+    )
+    if args["zeroshot_mc"] and args["loss"] == "hetxl":
+        zeroshot["monte_carlo"] = True
     return blocks.config_dict(
         task="contrastive",
         seed=0,
-        input=blocks.fashion_mnist_input(
-            "train", args["batch"], IMAGE_SIZE, TEXT_LENGTH, True, data_dir
-        ),
+        input=train_input,
         model=dict(
             image_tower=dict(name="vit", patch_size=(7, 7), pool_type="map", **tower()),
             text_tower=dict(
@@ -58,18 +75,12 @@ def get_config(arg=None):
             image_size=IMAGE_SIZE,
             text_length=TEXT_LENGTH,
         ),
-        loss=blocks.loss_block(args["loss"], samples=16, sample_chunk=8),
+        loss=blocks.loss_block(args["loss"]),
+        sampling=blocks.sampling(16, chunk=8),
         optim=blocks.adamw(lr=2e-3, weight_decay=1e-4, warmup_fraction=0.08),
         total_epochs=args["epochs"],
         log_every=20,
-        evals=dict(
-            zeroshot=blocks.zeroshot_eval(
-                "fashion_mnist",
-                blocks.fashion_mnist_input("test", 512, IMAGE_SIZE, TEXT_LENGTH, False, data_dir),
-                TEXT_LENGTH,
-                every_steps=steps_per_epoch,
-            )
-        ),
+        evals=dict(zeroshot=zeroshot),
         mesh=dict(data=-1, fsdp=1),
         checkpoint=dict(every_steps=200, keep=2, async_save=True),
         max_nonfinite_in_a_row=10,

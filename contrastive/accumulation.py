@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from contrastive.losses import shard_loss
 from contrastive.losses.sharding import batch_spec
 from contrastive.mesh import BATCH_AXES
 from contrastive.objectives import contrastive_objective
@@ -109,29 +108,20 @@ def accumulated_contrastive_value_and_grad(
     batch holds "image" f32[B, H, W, 3] and "text" i32[B, L] (other keys are ignored), split
     over the mesh's batch axes; B must be a multiple of accum_steps * (devices on the batch
     axes). The loss sees the whole batch (all B - 1 negatives of each example); only the towers
-    run in microbatches. Same rng use as the objective: dropout_rng, loss_rng = split(rng), with
-    microbatch m's dropout drawn from fold_in(dropout_rng, m). Metrics have the objective's keys.
+    run in microbatches. It is the objective's own parts, composed: its rng split, its forward
+    per microbatch (dropout from fold_in(dropout_rng, m)) and its scoring of the whole batch, so
+    the metrics are the objective's.
 
     Every model output must be either a scalar shared by all examples (tau, bias) or have the
     batch as its leading axis.
 
-    accum_steps: M. M = 1 is plain jax.value_and_grad of the objective (no second forward).
+    accum_steps: M >= 2 (without accumulation the train step differentiates the objective).
     frozen: optional tree like the params with True for frozen leaves (contrastive.freezing);
       their gradient is zero and no backward pass runs through them.
     """
-    if accum_steps < 1:
-        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
-    if accum_steps == 1:
-        objective = contrastive_objective(model, loss, mesh)
-
-        def full_batch_value_and_grad(params, batch, rng):
-            return jax.value_and_grad(
-                lambda p: objective(_stop_frozen(p, frozen), batch, rng), has_aux=True
-            )(params)
-
-        return full_batch_value_and_grad
-
-    sharded_loss = shard_loss(loss, mesh, BATCH_AXES)
+    if accum_steps < 2:
+        raise ValueError(f"accumulation needs accum_steps >= 2, got {accum_steps}")
+    objective = contrastive_objective(model, loss, mesh)
     num_devices = int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
 
     def split_over_batch_axes(tree: Any) -> Any:
@@ -146,12 +136,8 @@ def accumulated_contrastive_value_and_grad(
     def forward(params, inputs: dict, dropout_rng: jax.Array, index: jax.Array) -> dict:
         """Outputs of microbatch `index`: embeddings f32[B / M, D], norms f32[B / M], scalars."""
         rows = split_over_batch_axes(microbatch(inputs, index, accum_steps))
-        return model.apply(
-            {"params": params},
-            rows["image"],
-            rows["text"],
-            train=True,
-            rngs={"dropout": jax.random.fold_in(dropout_rng, index)},
+        return objective.forward(
+            params, rows["image"], rows["text"], jax.random.fold_in(dropout_rng, index)
         )
 
     def merge_outputs(stacked: dict) -> dict:
@@ -183,7 +169,7 @@ def accumulated_contrastive_value_and_grad(
             raise ValueError(f"image and text batches differ in size: {sizes}")
         batch_size = sizes["image"]
         check_microbatching(batch_size, accum_steps, num_devices)
-        dropout_rng, loss_rng = jax.random.split(rng)
+        dropout_rng, loss_rng = objective.split_rng(rng)
         indices = jnp.arange(accum_steps)
 
         # Pass 1: outputs only. The parameters are constants here (the loss reaches them only
@@ -200,7 +186,7 @@ def accumulated_contrastive_value_and_grad(
                 )
         outputs = split_over_batch_axes(merge_outputs(stacked))
 
-        (loss_value, metrics), output_grads = jax.value_and_grad(sharded_loss, has_aux=True)(
+        (loss_value, metrics), output_grads = jax.value_and_grad(objective.score, has_aux=True)(
             outputs, loss_rng
         )
 
@@ -220,10 +206,6 @@ def accumulated_contrastive_value_and_grad(
         )
         grads, _ = jax.lax.scan(accumulate, zeros, indices)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-
-        metrics = dict(metrics)
-        metrics["image_norm"] = jnp.mean(outputs["image_norm"])
-        metrics["text_norm"] = jnp.mean(outputs["text_norm"])
         return (loss_value, metrics), grads
 
     return value_and_grad

@@ -19,6 +19,14 @@ fails (or that orbax cannot read at all) raises DamagedCheckpoint; `restore_late
 reports it in one line, sets its directory aside as `<step>.damaged` (never deleting it) and
 falls back to the next older step.
 
+A save that cannot be written (no space left, permission lost, a bucket refusing writes) raises
+CheckpointWriteError naming the step, the directory and the cause, whether it fails while `save`
+runs or later in orbax's background commit (then it is raised by the next `save`,
+`wait_until_finished` or `close`). Orbax renames a step into place only after every item is
+written and deletes old steps (keep=N) only after that, so the previous checkpoint stays intact
+and restorable; the unfinished `<step>.orbax-checkpoint-tmp` is removed by the next
+`Checkpointer` on the directory.
+
 Typed PRNG keys (`jax.random.key`) are saved and restored by orbax as they are; no unwrapping is
 needed.
 
@@ -37,10 +45,14 @@ A trainer uses it as
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import io
 import json
 import logging
+import os
+import re
 import signal
 import threading
 from types import FrameType
@@ -72,6 +84,48 @@ class DamagedCheckpoint(Exception):
     def __init__(self, step: int, reason: str):
         self.step, self.reason = step, reason
         super().__init__(f"checkpoint {step} is damaged: {reason}")
+
+
+class CheckpointWriteError(Exception):
+    """A save that failed; the checkpoints finalized before it are untouched."""
+
+    def __init__(self, step: int, directory: str, cause: str, intact: int | None):
+        self.step, self.directory, self.cause, self.intact = step, directory, cause, intact
+        kept = (
+            "no earlier checkpoint could be listed there"
+            if intact is None
+            else f"the latest intact one is checkpoint {intact}"
+        )
+        super().__init__(
+            f"saving checkpoint {step} to {directory} failed: {cause}; {kept}. Free space or "
+            "restore write access there, then rerun the same command to resume"
+        )
+
+
+# Tensorstore (which writes the arrays) reports an operating-system error inside its message:
+# ... local file "PATH": ... File too large [os_error_code='27']
+_TENSORSTORE_OS_ERROR = re.compile(r"os_error_code=\W?(\d+)")
+_TENSORSTORE_FILE = re.compile(r'local file "([^"]+)"')
+
+
+def _write_failure_cause(error: BaseException) -> str:
+    """The operating system's reason (e.g. "No space left on device [ENOSPC] (path)") when the
+    error chain carries one, else the error's first line."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return _os_reason(seen.errno, seen.filename)
+        code = _TENSORSTORE_OS_ERROR.search(str(seen))
+        if code:
+            path = _TENSORSTORE_FILE.search(str(seen))
+            return _os_reason(int(code.group(1)), path.group(1) if path else None)
+        seen = seen.__cause__ or seen.__context__
+    return _first_line(error)
+
+
+def _os_reason(number: int, filename: str | None) -> str:
+    name = errno.errorcode.get(number, f"errno {number}")
+    return f"{os.strerror(number)} [{name}]" + (f" ({filename})" if filename else "")
 
 
 def _first_line(error: BaseException) -> str:
@@ -221,10 +275,17 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             # Temporary directories left by a crash mid-save are never finalized; remove them.
             cleanup_tmp_directories=True,
+            # Orbax's default creates a step's directories in the background; when that fails
+            # (no space, no permission) the save waits for them until its coordination timeout
+            # (minutes) instead of failing. Created in `save`, a failure is raised at once.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, handler_registry=registry
         )
+        # The step whose save started last and has not been seen to finish: a failure of
+        # orbax's background commit is reported under its number.
+        self._unconfirmed_step: int | None = None
 
     def save(
         self,
@@ -236,7 +297,8 @@ class Checkpointer:
         """Starts writing checkpoint `step`; returns False (writes nothing) if it already exists.
 
         Waits for the previous save to finish first. On return the caller may donate or modify
-        `state`, `input_state` and `metadata`: nothing of them is read later.
+        `state`, `input_state` and `metadata`: nothing of them is read later. Raises
+        CheckpointWriteError when this save, or the previous one's background commit, failed.
 
         Why no copy of `state` is made: orbax's save returns only after its blocking phase,
         which copies every jax.Array to host memory and waits for the copies (orbax's default
@@ -249,6 +311,8 @@ class Checkpointer:
         """
         if input_state is not None and not isinstance(input_state, np.ndarray):
             raise TypeError(f"input_state must be a numpy array, got {type(input_state)}")
+        # The previous save's failure is reported under its own step, not this one's.
+        self.wait_until_finished()
         # A JSON snapshot: orbax serializes JSON in its background thread, so the caller's dict
         # must not be shared with it; this also reports unserializable values here, not later.
         metadata_snapshot = json.loads(json.dumps(metadata or {}))
@@ -260,18 +324,17 @@ class Checkpointer:
                 "checkpoint %d already exists in %s; not saving it again", step, self.directory
             )
             return False
-        # force: every call saves; how often to save is the trainer's decision.
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE_ITEM: ocp.args.StandardSave(state),
-                    INPUT_STATE_ITEM: _InputStateSave(input_state),
-                    METADATA_ITEM: ocp.args.JsonSave(metadata_snapshot),
-                }
-            ),
-            force=True,
+        args = ocp.args.Composite(
+            **{
+                STATE_ITEM: ocp.args.StandardSave(state),
+                INPUT_STATE_ITEM: _InputStateSave(input_state),
+                METADATA_ITEM: ocp.args.JsonSave(metadata_snapshot),
+            }
         )
+        self._unconfirmed_step = step
+        with self._write_failures_reported():
+            # force: every call saves; how often to save is the trainer's decision.
+            return self._manager.save(step, args=args, force=True)
 
     def all_steps(self) -> list[int]:
         """Steps whose checkpoint is finalized on disk, ascending (in-flight saves excluded)."""
@@ -382,7 +445,7 @@ class Checkpointer:
 
     def _require_finalized(self, step: int) -> None:
         """Waits for the save in flight; raises FileNotFoundError unless `step` is on disk."""
-        self._manager.wait_until_finished()
+        self.wait_until_finished()
         if step not in self.all_steps():
             raise FileNotFoundError(
                 f"no finalized checkpoint for step {step} in {self.directory}; "
@@ -390,12 +453,35 @@ class Checkpointer:
             )
 
     def wait_until_finished(self) -> None:
-        """Blocks until the save in flight (if any) is finalized and old steps are deleted."""
-        self._manager.wait_until_finished()
+        """Blocks until the save in flight (if any) is finalized and old steps are deleted;
+        raises CheckpointWriteError if it failed."""
+        with self._write_failures_reported():
+            self._manager.wait_until_finished()
+        self._unconfirmed_step = None
 
     def close(self) -> None:
-        """Waits for the save in flight, then releases orbax's threads."""
-        self._manager.close()
+        """Waits for the save in flight, then releases orbax's threads; raises
+        CheckpointWriteError if that save failed."""
+        with self._write_failures_reported():
+            self._manager.close()
+        self._unconfirmed_step = None
+
+    @contextlib.contextmanager
+    def _write_failures_reported(self):
+        """Turns any failure of orbax's write of the unconfirmed step into CheckpointWriteError."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - whatever the storage or orbax raised
+            if self._unconfirmed_step is None:
+                raise
+            step, self._unconfirmed_step = self._unconfirmed_step, None
+            try:
+                intact = self.latest_step()
+            except OSError:  # the directory itself is no longer readable
+                intact = None
+            raise CheckpointWriteError(
+                step, str(self.directory), _write_failure_cause(error), intact
+            ) from error
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -9,6 +9,10 @@
     init_from        a finished run's workdir: a new run starts from its latest parameters
                      wherever names and shapes match (fresh optimizer, step 0)
     loss             contrastive: {"name": "clip" | "siglip" | "hetxl", **that loss's options}
+    sampling         Monte-Carlo sampling of heteroscedastic noise, read by the HET / HET-XL
+                     heads, the HET-XL loss and the MC evaluators: {"train_samples": int,
+                     "eval_samples": int, "chunk_size": int, "share_across_batch": bool}
+                     (models/heteroscedastic/sampling.py; defaults for keys left out)
     optim            see contrastive/optim.py
     total_steps | total_epochs | total_examples     exactly one of them
     log_every        steps between metric lines
@@ -40,6 +44,7 @@ TOP_LEVEL = {
     "model_init": Mapping,
     "init_from": str,
     "loss": Mapping,
+    "sampling": Mapping,
     "optim": Mapping,
     "total_steps": int,
     "total_epochs": (int, float),

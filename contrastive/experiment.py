@@ -28,7 +28,7 @@ from contrastive.step import (
 from data.config import validate_input_config
 from data.sources import make_source
 from models.classifier import ImageClassifier
-from models.heteroscedastic import NoiseConfig, TemperatureConfig
+from models.heteroscedastic import NoiseConfig, Sampling, TemperatureConfig
 from models.two_towers import example_inputs, load_pretrained_towers, two_towers_from_config
 
 
@@ -43,15 +43,22 @@ class Task:
     loss: Any = None  # the contrastive loss (None for classification)
 
 
+def sampling_from_config(values: Mapping[str, Any]) -> Sampling:
+    """The run's one Monte-Carlo sampling block (defaults where the config leaves it out)."""
+    return Sampling(**dict(values.get("sampling") or {}))
+
+
 def loss_from_config(values: Mapping[str, Any]):
     loss = dict(values.get("loss") or {})
     if "name" not in loss:
         raise ValueError("loss needs a 'name' (clip, siglip or hetxl)")
+    if loss["name"] == "hetxl":
+        loss["sampling"] = sampling_from_config(values)
     return make_loss(**loss)
 
 
-def classifier_from_config(model: Mapping[str, Any]) -> ImageClassifier:
-    model = dict(model)
+def classifier_from_config(values: Mapping[str, Any]) -> ImageClassifier:
+    model = dict(values["model"])
     return ImageClassifier(
         image_tower=dict(model["image_tower"]),
         num_classes=model["num_classes"],
@@ -59,13 +66,14 @@ def classifier_from_config(model: Mapping[str, Any]) -> ImageClassifier:
         likelihood=model.get("likelihood", "softmax"),
         noise=NoiseConfig(**dict(model.get("noise") or {})),
         temperature=TemperatureConfig(**dict(model.get("temperature") or {})),
+        sampling=sampling_from_config(values),
     )
 
 
 def build_model(values: Mapping[str, Any]) -> tuple[Any, Callable[[jax.Array], Any]]:
     """The model of a validated config and its parameter initialiser (key -> params)."""
     if values["task"] == "classification":
-        model = classifier_from_config(values["model"])
+        model = classifier_from_config(values)
         size = values["model"]["image_size"]
         images = np.zeros((1, size, size, 3), np.float32)
         labels = np.zeros((1,), np.int32)

@@ -369,16 +369,28 @@ def learning_rate_schedule(
     _raise_all(problems)
     name, warmup = resolved["name"], resolved["warmup_steps"]
     peak = float(peak_lr)
+    decay_steps = total_steps - warmup
+    if name == "cosine":
+        after_warmup = optax.cosine_decay_schedule(
+            peak, decay_steps, alpha=resolved["end_lr_fraction"]
+        )
+    elif name == "linear":
+        after_warmup = optax.linear_schedule(peak, peak * resolved["end_lr_fraction"], decay_steps)
+    else:
+        after_warmup = _open_ended(name, resolved, peak, warmup, total_steps)
+    if warmup:
+        after_warmup = optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup), after_warmup], [warmup]
+        )
+    return lambda step: jnp.asarray(after_warmup(step), jnp.float32)
 
-    def after_warmup(step: jax.Array) -> jax.Array:
-        if name in ("cosine", "linear"):
-            progress = jnp.clip((step - warmup) / (total_steps - warmup), 0.0, 1.0)
-            end = peak * resolved["end_lr_fraction"]
-            if name == "cosine":
-                shape = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-            else:
-                shape = 1.0 - progress
-            return end + (peak - end) * shape
+
+def _open_ended(name: str, resolved: dict, peak: float, warmup: int, total_steps: int):
+    """rsqrt or constant after warmup (optax has neither with a final cooldown), as a function
+    of the steps since warmup ended."""
+
+    def schedule(steps_after_warmup):
+        step = jnp.asarray(steps_after_warmup, jnp.float32) + warmup
         if name == "rsqrt":
             timescale = resolved["timescale"]
             lr = peak * jnp.sqrt(timescale / jnp.maximum(step, timescale))
@@ -387,13 +399,6 @@ def learning_rate_schedule(
         cooldown = resolved["cooldown_steps"]
         if cooldown:
             lr = lr * jnp.clip((total_steps - step) / cooldown, 0.0, 1.0)
-        return lr
-
-    def schedule(step: int | jax.Array) -> jax.Array:
-        step = jnp.asarray(step, jnp.float32)
-        lr = after_warmup(step)
-        if warmup:
-            lr = jnp.where(step < warmup, peak * step / warmup, lr)
         return lr
 
     return schedule

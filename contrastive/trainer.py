@@ -220,7 +220,7 @@ def train(config, workdir: str) -> TrainResult:
             step,
             state,
             input_state=train_iter.get_state(),
-            metadata={"step": step, "config": values},
+            metadata={"step": step, "total_steps": num_steps, "config": values},
         )
 
     if first_step < num_steps:

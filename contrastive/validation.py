@@ -3,7 +3,8 @@
 `validate_config(config)` returns the config as a plain dict with what can be derived filled in, or
 raises one ConfigError listing every problem, one line each, "key: rule". In order:
 
-1. structure: top-level keys, types, ranges (contrastive/config_schema.py);
+1. structure: top-level keys, types, ranges (contrastive/config_schema.py), and the one
+   Monte-Carlo sampling block (sampling keys left in model.noise or loss are named as moved);
 2. the training and evaluation input blocks (data/config.py): sources, op strings, tokenizers;
 3. shapes derived from the training op string: model.image_size from its last resize or crop,
    model.text_length from tokenize(max_len), the text tower's vocab_size from the tokenizer.
@@ -21,6 +22,7 @@ Nothing here compiles or reads a batch, so a broken config fails in seconds.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 from collections.abc import Mapping
@@ -31,12 +33,19 @@ import jax.numpy as jnp
 
 from contrastive import config_schema, storage
 from contrastive.config_schema import ConfigError, as_dict
-from contrastive.experiment import build_model, build_task, loss_from_config, resolve_total_steps
+from contrastive.experiment import (
+    build_model,
+    build_task,
+    loss_from_config,
+    resolve_total_steps,
+    sampling_from_config,
+)
 from contrastive.mesh import make_mesh
 from contrastive.optim import make_optimizer, validate_optim_config
 from data.config import InputConfig, validate_input_config
 from data.preprocess import PP_OPS, parse_op, split_ops
 from data.tokenizers import make_tokenizer
+from models.heteroscedastic.sampling import Sampling, pop_moved_keys
 
 # Ops that leave images at a fixed (height, width), and the argument that sets it.
 SIZING_OPS = ("resize", "central_crop", "random_crop", "inception_crop")
@@ -49,6 +58,7 @@ def validate_config(config) -> dict:
     values = copy.deepcopy(as_dict(config))
     problems = Problems()
     problems.extend(config_schema.validate_structure(values))
+    _check_sampling(values, problems)
     inputs = _check_inputs(values, problems)
     task = values.get("task")
     model_block = values.get("model")
@@ -64,6 +74,25 @@ def validate_config(config) -> dict:
     _check_files(values, problems)
     problems.raise_if_any()
     return values
+
+
+def _check_sampling(values: dict, problems: Problems) -> None:
+    """The sampling block, and sampling keys still in model.noise or loss (named, then dropped
+    so that the blocks they sit in are not reported again for them)."""
+    problems.extend(pop_moved_keys(values))
+    sampling = values.get("sampling")
+    if sampling is None or not isinstance(sampling, Mapping):
+        return
+    known = [field.name for field in dataclasses.fields(Sampling)]
+    unknown = sorted(set(sampling) - set(known))
+    try:
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}; known: {known}")
+        sampling_from_config(values)
+    except ValueError as error:
+        problems.add("sampling", error)
+        # Reported once: the loss and model checks go on with the default sampling.
+        values["sampling"] = {}
 
 
 class Problems(list):

@@ -14,6 +14,18 @@ Images come out as uint8 [28, 28, 1] (grey); the op string turns them into RGB a
 size ("decode|resize(32)|..." or "grey_to_rgb|resize(32)|..."). Captions come from templates x
 synonyms x attributes (optionally plus CuPL sentences of related ImageNet classes), never equal to
 a CLIP zero-shot prompt.
+
+Optional input-dependent label noise (`label_noise_confusable`, `label_noise_other`): some
+examples carry a wrong label, and so a caption naming the wrong class, more often than others.
+With C = {T-shirt/top, Pullover, Coat, Shirt} (the upper-body garments, which look alike at 28 px)
+and y the clean label of example i:
+  flip probability  p(y) = label_noise_confusable if y in C, else label_noise_other
+  wrong label       uniform over C minus {y} if y in C, else uniform over the 9 other classes
+so the noisy label equals y with probability 1 - p(y) and each wrong class with p(y) / |choices|.
+Both draws for example i are a pure function of (label_noise_seed, i): the noise is a fixed
+property of the dataset for a seed (every epoch sees the same wrong labels) and replays exactly.
+Labels are replaced before anything else reads them, so classification trains on the noisy label
+and the contrastive pipeline draws the caption of the noisy class.
 """
 
 from __future__ import annotations
@@ -52,6 +64,12 @@ LABEL_NAMES = (
     "Bag",
     "Ankle boot",
 )
+
+# Label indices of the classes that look alike (T-shirt/top, Pullover, Coat, Shirt).
+CONFUSABLE_CLASSES = (0, 2, 4, 6)
+
+# Keeps the label-noise draws apart from any other use of the same seed.
+LABEL_NOISE_TAG = 0x1AB3_1F11
 
 # IDX type byte -> numpy dtype (big-endian, as the format stores it).
 _IDX_DTYPES = {
@@ -121,6 +139,51 @@ def load_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     if labels.size and (labels.min() < 0 or labels.max() >= len(LABEL_NAMES)):
         raise ValueError(f"Fashion-MNIST {split}: labels outside 0..{len(LABEL_NAMES) - 1}")
     return images.astype(np.uint8)[..., None], labels.astype(np.int32)
+
+
+def _mix64(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: uint64 -> well-mixed uint64, elementwise (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = values + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _example_uniforms(seed: int, count: int, stream: int) -> np.ndarray:
+    """float64 [count] in [0, 1): uniform number `stream` of examples 0..count-1 for `seed`,
+    each a function of (seed, stream, example index) alone."""
+    key = _mix64(np.asarray([seed ^ LABEL_NOISE_TAG], np.uint64))[0]
+    key = _mix64(np.asarray([key ^ np.uint64(stream)], np.uint64))[0]
+    with np.errstate(over="ignore"):
+        bits = _mix64(key + np.arange(count, dtype=np.uint64))
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def label_flip_probabilities(labels: np.ndarray, confusable: float, other: float) -> np.ndarray:
+    """float64 [N]: the probability p(y) that each example's label is replaced (module doc)."""
+    return np.where(np.isin(labels, CONFUSABLE_CLASSES), confusable, other)
+
+
+def noisy_labels(labels: np.ndarray, confusable: float, other: float, seed: int) -> np.ndarray:
+    """int32 [N] labels with input-dependent noise (module doc): example i is flipped when its
+    first uniform falls below p(y_i), to the wrong class its second uniform picks."""
+    for name, value in (("label_noise_confusable", confusable), ("label_noise_other", other)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} is a probability in [0, 1], got {value}")
+    labels = np.asarray(labels, np.int32)
+    flip = _example_uniforms(seed, len(labels), 0) < label_flip_probabilities(
+        labels, confusable, other
+    )
+    pick = _example_uniforms(seed, len(labels), 1)
+    result = labels.copy()
+    all_classes = np.arange(len(LABEL_NAMES))
+    for label in np.unique(labels[flip]):
+        group = CONFUSABLE_CLASSES if label in CONFUSABLE_CLASSES else all_classes
+        choices = np.asarray([c for c in group if c != label], np.int32)
+        rows = flip & (labels == label)
+        result[rows] = choices[(pick[rows] * len(choices)).astype(np.int64)]
+    return result
 
 
 # Ways to name each class in a training caption (label order).
@@ -220,15 +283,36 @@ class FashionMnistSource(Source):
       data_dir: directory of the IDX files (gz or not).
       split: "train" (60,000 images) or "test" (10,000).
       cupl: add CuPL sentences of related ImageNet classes to the captions.
+      label_noise_confusable: probability that an example of CONFUSABLE_CLASSES gets the label
+        (and caption) of another confusable class.
+      label_noise_other: probability that an example of any other class gets the label of one of
+        the 9 other classes.
+      label_noise_seed: which examples are flipped, and to what (module doc).
+
+    Attributes:
+      labels: int32 [N] labels the records carry (noisy when label noise is on).
+      clean_labels: int32 [N] the labels of the IDX file.
     """
 
     def __init__(
-        self, data_dir: str = DEFAULT_DIR, split: str = "train", cupl: bool = False
+        self,
+        data_dir: str = DEFAULT_DIR,
+        split: str = "train",
+        cupl: bool = False,
+        label_noise_confusable: float = 0.0,
+        label_noise_other: float = 0.0,
+        label_noise_seed: int = 0,
     ) -> None:
         self.data_dir = data_dir
         self.split = split
         # Loaded now so a missing or truncated file fails at construction, before training.
-        self.images, self.labels = load_split(data_dir, split)
+        self.images, self.clean_labels = load_split(data_dir, split)
+        self.labels = self.clean_labels
+        self.label_noise = (label_noise_confusable, label_noise_other)
+        if label_noise_confusable or label_noise_other:
+            self.labels = noisy_labels(
+                self.clean_labels, label_noise_confusable, label_noise_other, label_noise_seed
+            )
         self.captions = CaptionBank(fashion_mnist_captions(cupl))
         # One example per shard, all in one group: an epoch is a full permutation of the split.
         self.example_sharded = True
@@ -248,4 +332,11 @@ class FashionMnistSource(Source):
         return len(self.labels)
 
     def describe(self) -> str:
-        return f"fashion_mnist({self.split}, {len(self.labels)} images from {self.data_dir})"
+        noise = ""
+        if any(self.label_noise):
+            flipped = float(np.mean(self.labels != self.clean_labels))
+            noise = (
+                f", label noise {self.label_noise[0]:g} confusable / {self.label_noise[1]:g} "
+                f"other: {flipped:.1%} flipped"
+            )
+        return f"fashion_mnist({self.split}, {len(self.labels)} images from {self.data_dir}{noise})"

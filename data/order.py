@@ -43,6 +43,8 @@ from data.source_base import (
 RAW_KEY = "_raw"
 POSITION_KEY = "_position"
 COORDS_KEY = "_coords"  # int64 [4]: epoch, group, window, index in window
+# The window index of the end marker, which no record has.
+END_INDEX = -1
 UNSHUFFLED_WINDOW = 256
 STATE_VERSION = 2
 # Training repeats "forever": epochs up to this bound (a Dataset.range needs an end).
@@ -85,15 +87,24 @@ class Selection:
         rest = positions % self.period - self.offset
         return tf.logical_and(rest >= 0, rest < self.block)
 
-    def local_index(self, positions: tf.Tensor) -> tf.Tensor:
-        """How many kept positions precede each kept position (its index in this process's
-        share of the stream); gaps in it are records lost to errors."""
-        return positions // self.period * self.block + positions % self.period - self.offset
+    def kept_before(self, positions: tf.Tensor) -> tf.Tensor:
+        """Number of kept positions below each of int64 [...] `positions`. For a kept position,
+        its index in this process's share of the stream; gaps in it are records lost to errors."""
+        rest = tf.clip_by_value(positions % self.period - self.offset, 0, self.block)
+        return positions // self.period * self.block + rest
 
-    def kept_before(self, position: int) -> int:
-        """Number of kept positions below `position` (a Python int)."""
-        rest = min(max(position % self.period - self.offset, 0), self.block)
-        return position // self.period * self.block + rest
+
+def is_end_marker(coords: tf.Tensor) -> tf.Tensor:
+    """bool [...] for int64 [..., 4] coordinates: the end marker of a finite stream."""
+    return tf.equal(coords[..., 3], END_INDEX)
+
+
+def placeholder(spec: tf.TensorSpec) -> tf.Tensor:
+    """A value of `spec` (unknown dimensions as 0) standing in for a record that is not there."""
+    shape = [0 if d is None else d for d in spec.shape.as_list()]
+    if spec.dtype == tf.string:
+        return tf.fill(shape, "")
+    return tf.zeros(shape, spec.dtype)
 
 
 def make_selection(
@@ -119,6 +130,12 @@ def ordered_records(
     """This process's stream from `start` on: {RAW_KEY: element of source.read, POSITION_KEY:
     int64 [], COORDS_KEY: int64 [4]}, the records `selection` keeps at positions >=
     start.next_position.
+
+    A finite stream (`num_epochs` set) ends with an end marker (is_end_marker): a placeholder
+    element with coordinates (num_epochs, 0, 0, END_INDEX) and position T - 1, T the stream's
+    length, so that InputPosition.after() makes it the start of epoch `num_epochs`. It tells the
+    counting scan where the stream ends, hence how many records at its end were lost to errors,
+    which no later record could show. Every process gets one, whatever its selection.
 
     Memory: about two windows of raw elements (the one being consumed and the next, prepared
     ahead so that a window boundary does not stall the pipeline).
@@ -159,6 +176,14 @@ def ordered_records(
             records = tf.nest.map_structure(lambda x: tf.gather(x, permutation), records)
         positions = first + index
         keep = tf.logical_and(positions >= start.next_position, selection.mask(positions))
+        if num_epochs is not None:
+            # Only the end marker's window lies past the last epoch. Its position never falls
+            # before the start (a state of a longer pass restored into a shorter one).
+            is_end = coords[0] >= end_epoch
+            index = tf.where(is_end, tf.constant([END_INDEX], tf.int64), index)
+            end_position = tf.maximum(first, start.next_position) - 1
+            positions = tf.where(is_end, end_position[None], positions)
+            keep = tf.logical_or(keep, is_end)
         all_coords = tf.concat([tf.tile(coords[None], [size, 1]), index[:, None]], axis=1)
         return {
             RAW_KEY: tf.nest.map_structure(lambda x: tf.boolean_mask(x, keep), records),
@@ -166,12 +191,19 @@ def ordered_records(
             COORDS_KEY: tf.boolean_mask(all_coords, keep),
         }
 
+    windows = tf.data.Dataset.range(start.epoch, end_epoch).flat_map(groups_of)
+    windows = windows.flat_map(windows_of)
+    if num_epochs is not None:
+        coords_spec, records_spec = windows.element_spec
+        one_placeholder = tf.nest.map_structure(
+            lambda spec: placeholder(tf.TensorSpec([1, *spec.shape[1:]], spec.dtype)),
+            records_spec,
+        )
+        end = tf.constant([end_epoch, 0, 0], coords_spec.dtype)
+        windows = windows.concatenate(tf.data.Dataset.from_tensors((end, one_placeholder)))
     windows = (
-        tf.data.Dataset.range(start.epoch, end_epoch)
-        .flat_map(groups_of)
-        .flat_map(windows_of)
         # Window k of the start group begins `index` records before the anchor record.
-        .scan(tf.constant(start.position - start.index, tf.int64), assign_positions)
+        windows.scan(tf.constant(start.position - start.index, tf.int64), assign_positions)
         .map(arrange)
         .prefetch(1)
     )

@@ -15,6 +15,15 @@ Per process, the tf.data graph is
 and each batch carries the cumulative skipped-record counts and the coordinates and position of
 its last record.
 
+Exact counts at the end. Counts ride on batches, and a record lost to an error leaves no element
+behind, so bad records after a pass's last good record would reach no batch. A finite stream
+(num_epochs set) therefore ends with an end marker (data/order.py) that skips parsing and
+preprocessing, closes the last gap in the counting scan and passes the filter: it becomes the
+last row of the last batch, which is removed, or a batch of its own without rows, which the
+iterator does not hand out. Once a finite pass is exhausted, skipped() and get_state() hold the
+pass's exact counts (GlobalBatchIterator.skipped() sums them over processes). An endless
+(training) stream counts every record up to the last one delivered.
+
 Order. The record at each stream position is a pure function of (seed, epoch, position): no
 random state lives in tf.data. With example-level sharding (Fashion-MNIST and image folders
 always; TFRecord and TFDS sources with fewer shards than processes) every process builds the
@@ -65,6 +74,7 @@ from data.order import (
     InputPosition,
     decode_state,
     encode_state,
+    is_end_marker,
     make_selection,
     ordered_records,
     resume_position,
@@ -188,26 +198,32 @@ class LocalBatchIterator(Iterator[Batch]):
             self._probe(process)
         parallel = {"num_parallel_calls": tf.data.AUTOTUNE, "deterministic": True}
         ds = records.map(_not_convert(process), **parallel).ignore_errors()
-        initial = (
-            tf.constant(self.selection.kept_before(start.next_position) - 1, tf.int64),
-            tf.constant(skipped, tf.int64),
-        )
+        first_index = self.selection.kept_before(tf.constant(start.next_position, tf.int64))
+        initial = (first_index - 1, tf.constant(skipped, tf.int64))
         ds = ds.scan(initial, _not_convert(count_skipped_fn(self.selection)))
         ds = ds.filter(_not_convert(is_good))
         # Training repeats forever and needs fixed shapes; a finite pass (evaluation) keeps the
         # last, short batch, which evaluators pad and mask.
-        ds = ds.batch(self.batch_size, drop_remainder=cfg.num_epochs is None)
-        # Counts are cumulative and coordinates increase, so the last row speaks for the batch.
-        ds = ds.map(
-            _not_convert(
-                lambda b: {
-                    **{k: b[k] for k in out_spec},
-                    SKIPPED_KEY: b[SKIPPED_KEY][-1],
-                    COORDS_KEY: b[COORDS_KEY][-1],
-                    POSITION_KEY: b[POSITION_KEY][-1],
-                }
-            )
-        )
+        finite = cfg.num_epochs is not None
+        ds = ds.batch(self.batch_size, drop_remainder=not finite)
+
+        def close_batch(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            # Counts are cumulative and coordinates increase, so the last row speaks for the
+            # batch, the end marker's included.
+            features = {k: batch[k] for k in out_spec}
+            last_coords = batch[COORDS_KEY][-1]
+            if finite:  # the end marker is the stream's last element: drop its row
+                rows = tf.shape(batch[COORDS_KEY])[0]
+                rows -= tf.cast(is_end_marker(last_coords), tf.int32)
+                features = {k: v[:rows] for k, v in features.items()}
+            return {
+                **features,
+                SKIPPED_KEY: batch[SKIPPED_KEY][-1],
+                COORDS_KEY: last_coords,
+                POSITION_KEY: batch[POSITION_KEY][-1],
+            }
+
+        ds = ds.map(_not_convert(close_batch))
         if cfg.prefetch:
             ds = ds.prefetch(cfg.prefetch)
         options = tf.data.Options()
@@ -240,10 +256,14 @@ class LocalBatchIterator(Iterator[Batch]):
         batch = next(self._iterator)
         position = InputPosition.after(batch.pop(COORDS_KEY).numpy(), int(batch.pop(POSITION_KEY)))
         self._state = StreamState(position, tuple(batch.pop(SKIPPED_KEY).numpy().tolist()))
+        if batch["image"].shape[0] == 0:  # only the end marker: final counts, no rows
+            raise StopIteration
         return {k: v.numpy() for k, v in batch.items()}
 
     def skipped(self) -> dict[str, int]:
-        """Records skipped so far by this process, per reason (for logging as metrics)."""
+        """Records skipped so far by this process, per reason (for logging as metrics): up to
+        the last record of the last batch returned, and every record of a finite pass once it
+        is exhausted."""
         return dict(zip(BAD_RECORD_REASONS, self._state.skipped, strict=True))
 
     def stream_state(self) -> StreamState:
@@ -316,7 +336,8 @@ class GlobalBatchIterator(Iterator[dict[str, jax.Array]]):
 
     With `device_prefetch` = k > 0, k upcoming batches are already on their way to the devices
     when a batch is returned (transfers are asynchronous). get_state() and skipped() always
-    describe the batches returned so far, not the prefetched ones.
+    describe the batches returned so far, not the prefetched ones, and once a finite pass is
+    exhausted, the whole pass.
     """
 
     def __init__(
@@ -356,6 +377,8 @@ class GlobalBatchIterator(Iterator[dict[str, jax.Array]]):
 
     def __next__(self) -> dict[str, jax.Array]:
         if not self._ahead and not self._transfer_next():
+            # Exhausted: the local iterator now holds the pass's final counts.
+            self._returned = self.local.stream_state()
             raise StopIteration
         batch, self._returned = self._ahead.popleft()
         while len(self._ahead) < self.device_prefetch and self._transfer_next():

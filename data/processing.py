@@ -3,7 +3,8 @@
 Every record runs through one function (parse, stateless seed, caption, checks, then the op
 string unless a check failed); records whose parsing or preprocessing raised are dropped by
 ignore_errors and show up as gaps in this process's record indices, which the counting scan
-books as "undecodable".
+books as "undecodable". The end marker of a finite stream (data/order.py) skips all of that and
+closes the last gap, so that records lost at the very end are counted too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tensorflow as tf
 
 from data.config import InputConfig
 from data.ops import RNG_KEY, next_seed
-from data.order import COORDS_KEY, POSITION_KEY, RAW_KEY, Selection
+from data.order import COORDS_KEY, POSITION_KEY, RAW_KEY, Selection, is_end_marker, placeholder
 from data.preprocess import PreprocessFn, output_spec
 from data.records import BAD_RECORD_REASONS, CHECKED_REASONS, bad_record_reason
 from data.source_base import Source
@@ -114,14 +115,6 @@ def _prepare_fn(source: Source, cfg: InputConfig, stream: int):
     return prepare
 
 
-def _placeholder(spec: tf.TensorSpec) -> tf.Tensor:
-    """A value of `spec` (unknown dimensions as 0) standing in for a skipped record's output."""
-    shape = [0 if d is None else d for d in spec.shape.as_list()]
-    if spec.dtype == tf.string:
-        return tf.fill(shape, "")
-    return tf.zeros(shape, spec.dtype)
-
-
 def process_fn(
     source: Source, cfg: InputConfig, stream: int, pp_fn: PreprocessFn, element_spec: Any
 ) -> tuple[Callable[[dict[str, Any]], dict[str, tf.Tensor]], dict[str, tf.TensorSpec]]:
@@ -131,7 +124,9 @@ def process_fn(
     It maps {RAW_KEY, POSITION_KEY, COORDS_KEY} (data/order.py) to {**preprocessed features,
     POSITION_KEY, COORDS_KEY, REASON_KEY}. Preparation and the op string run in one function: one
     call per record instead of two. Records that fail a check skip the op string (tf.cond runs
-    one branch) and carry placeholders until the counting scan has seen their reason.
+    one branch) and carry placeholders until the counting scan has seen their reason. In a
+    finite pass (cfg.num_epochs set), the end marker is passed on with placeholders and reason 0,
+    unparsed; an endless stream has no end marker and pays for no test.
     """
     prepare = _prepare_fn(source, cfg, stream)
     position_spec = tf.TensorSpec([], tf.int64)
@@ -148,19 +143,36 @@ def process_fn(
         out = pp_fn(features)
         return {k: out[k] for k in out_spec}
 
-    def process(item: dict[str, Any]) -> dict[str, tf.Tensor]:
+    def placeholders() -> dict[str, tf.Tensor]:
+        return {k: placeholder(v) for k, v in out_spec.items()}
+
+    def process_record(item: dict[str, Any]) -> dict[str, tf.Tensor]:
         reason, features = prepare(item[POSITION_KEY], item[RAW_KEY])
-        out = tf.cond(
-            tf.equal(reason, 0),
-            lambda: run_pp(features),
-            lambda: {k: _placeholder(v) for k, v in out_spec.items()},
-        )
+        out = tf.cond(tf.equal(reason, 0), lambda: run_pp(features), placeholders)
         return {
             **out,
             POSITION_KEY: item[POSITION_KEY],
             COORDS_KEY: item[COORDS_KEY],
             REASON_KEY: reason,
         }
+
+    if cfg.num_epochs is None:
+        return process_record, out_spec
+
+    def pass_end_marker(item: dict[str, Any]) -> dict[str, tf.Tensor]:
+        return {
+            **placeholders(),
+            POSITION_KEY: item[POSITION_KEY],
+            COORDS_KEY: item[COORDS_KEY],
+            REASON_KEY: tf.constant(0, tf.int32),
+        }
+
+    def process(item: dict[str, Any]) -> dict[str, tf.Tensor]:
+        return tf.cond(
+            is_end_marker(item[COORDS_KEY]),
+            lambda: pass_end_marker(item),
+            lambda: process_record(item),
+        )
 
     return process, out_spec
 
@@ -170,12 +182,16 @@ def count_skipped_fn(selection: Selection):
 
     The scan state is (this process's index of the last record seen, counts). Checked reasons are
     read off each record; indices missing from the stream (records dropped by ignore_errors
-    because parsing or preprocessing raised) count as undecodable.
+    because parsing or preprocessing raised) count as undecodable. The end marker stands at the
+    index one past this process's last record, so the records missing before it count too.
     """
 
     def count(state: tuple[tf.Tensor, tf.Tensor], element: dict[str, tf.Tensor]):
         last_index, counts = state
-        index = selection.local_index(element[POSITION_KEY])
+        # A kept record's index is the number of kept positions before it; the end marker's
+        # position is that of the stream's last record, whose successor it stands for.
+        past = tf.cast(is_end_marker(element[COORDS_KEY]), tf.int64)
+        index = selection.kept_before(element[POSITION_KEY] + past)
         # one_hot(-1) is all zeros, so good records (reason 0) add nothing.
         checked = tf.one_hot(element[REASON_KEY] - 1, len(BAD_RECORD_REASONS), dtype=tf.int64)
         undecodable = tf.one_hot(len(CHECKED_REASONS), len(BAD_RECORD_REASONS), dtype=tf.int64)
@@ -186,6 +202,8 @@ def count_skipped_fn(selection: Selection):
 
 
 def is_good(element: dict[str, tf.Tensor]) -> tf.Tensor:
+    """True for records to batch, and for the end marker, which brings the final counts to the
+    last batch (the pipeline removes its row there)."""
     return tf.equal(element[REASON_KEY], 0)
 
 

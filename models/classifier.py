@@ -11,7 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from models.heteroscedastic import HeteroscedasticHead, NoiseConfig, TemperatureConfig
+from models.heteroscedastic import HeteroscedasticHead, NoiseConfig, Sampling, TemperatureConfig
 from models.towers import build_tower
 
 
@@ -20,7 +20,7 @@ class ImageClassifier(nn.Module):
     image_tower: {"name": registered tower, **its options}; used without a projection head.
     num_classes: K.
     head: "det" | "het" | "hetxl"; likelihood: "softmax" | "sigmoid".
-    noise, temperature: the head's options (see models.heteroscedastic).
+    noise, temperature, sampling: the head's options (see models.heteroscedastic).
     """
 
     image_tower: Mapping[str, Any]
@@ -29,12 +29,18 @@ class ImageClassifier(nn.Module):
     likelihood: str = "softmax"
     noise: NoiseConfig = NoiseConfig()
     temperature: TemperatureConfig = TemperatureConfig()
+    sampling: Sampling = Sampling()
 
     def setup(self):
         options = dict(self.image_tower)
         self.img = build_tower(options.pop("name"), None, **options)
         self.classifier = HeteroscedasticHead(
-            self.num_classes, self.head, self.likelihood, self.noise, self.temperature
+            self.num_classes,
+            self.head,
+            self.likelihood,
+            self.noise,
+            self.temperature,
+            self.sampling,
         )
 
     def __call__(

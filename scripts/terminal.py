@@ -8,6 +8,10 @@ points parse their flags first and import the heavy modules afterwards (which al
 fast). TensorFlow 2.21 writes its import-time lines through absl's C++ log before any setting is
 read, so `quiet_libraries` imports it with the process's stderr pointed at /dev/null; Python
 errors are still raised and printed afterwards.
+
+Orbax logs every failure of a checkpoint write at error level, with tracebacks, from each of its
+background threads, and then raises it; contrastive/checkpoint.py turns what it raises into one
+line (CheckpointWriteError), so without -v orbax's own log records are not shown.
 """
 
 from __future__ import annotations
@@ -36,10 +40,31 @@ def quiet_libraries(verbose: bool = False) -> None:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    absl_logger = logging.getLogger("absl")
+    absl_logger.setLevel(logging.ERROR)
+    absl_logger.addFilter(_not_from_orbax)
+    # Orbax's writes run as asyncio tasks; asyncio logs a failed one that nobody awaited.
+    logging.getLogger("asyncio").addFilter(_not_from_orbax)
     with _stderr_to_devnull():
         import tensorflow  # noqa: F401
         import tensorflow_text  # noqa: F401
+
+
+def _not_from_orbax(record: logging.LogRecord) -> bool:
+    """False for records orbax logs (absl logs them all under one logger name) or that carry an
+    exception raised inside orbax."""
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
+        return False
+    return not (record.exc_info and _raised_in_orbax(record.exc_info))
+
+
+def _raised_in_orbax(exc_info) -> bool:
+    traceback = exc_info[2]
+    while traceback is not None:
+        if f"{os.sep}orbax{os.sep}" in traceback.tb_frame.f_code.co_filename:
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 @contextlib.contextmanager
@@ -62,16 +87,19 @@ def run(main: Callable[[], int | None]) -> int:
     """Runs an entry point's main as a program and returns its exit status.
 
     First, before any library starts a thread, glibc malloc is tuned for XLA's CPU runtime
-    (scripts/host_memory.py; HETXL_KEEP_HOST_MEMORY=0 opts out).
+    (scripts/host_memory.py; HETXL_KEEP_HOST_MEMORY=0 opts out), and asyncio's reports of
+    operations orbax abandoned after a failure are silenced (see _without_closed_loop_reports).
 
     A mistake in the config or its overrides (ConfigError) prints "error: invalid config" and
     one line per problem, exit status 2; a run halted on non-finite updates prints why, exit
-    status 3; a workdir whose checkpoints are all damaged, exit status 4. None of them is a bug,
-    so none gets a traceback; everything else keeps its own.
+    status 3; a workdir whose checkpoints are all damaged, exit status 4; a checkpoint that could
+    not be written (no space left, no write permission), exit status 5. None of them is a bug, so
+    none gets a traceback; everything else keeps its own.
     """
     from scripts.host_memory import keep_host_memory
 
     keep_host_memory()
+    sys.unraisablehook = _without_closed_loop_reports(sys.unraisablehook)
     try:
         return main() or 0
     except Exception as error:
@@ -90,4 +118,26 @@ def run(main: Callable[[], int | None]) -> int:
         if type(error).__name__ == "DamagedCheckpoint":  # contrastive.checkpoint's, by name:
             print(f"error: {error}", file=sys.stderr)  # importing it here would load orbax
             return 4
+        if type(error).__name__ == "CheckpointWriteError":
+            print(f"error: {error}", file=sys.stderr)
+            return 5
         raise
+
+
+def _without_closed_loop_reports(hook: Callable) -> Callable:
+    """`hook`, silent about asyncio's "Event loop is closed".
+
+    When one item of a checkpoint write or read fails, orbax stops waiting for the others;
+    those still in flight finish later (while the run goes on from an older checkpoint, or while
+    the interpreter shuts down after the one-line error), after the event loop that awaited them
+    is closed, and each reports that through sys.unraisablehook: one traceback per array, none
+    of them saying more than the error already reported.
+    """
+
+    def report(unraisable) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        hook(unraisable)
+
+    return report

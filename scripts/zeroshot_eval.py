@@ -92,8 +92,14 @@ def evaluate(
         block["classnames"] = classnames
     if templates is not None:
         block["templates"] = templates
-    block["mc_samples"] = mc_samples
-    evaluator = build_evaluator(name, block, run.values, run.task.model, run.mesh)
+    values = run.values
+    block["monte_carlo"] = mc_samples > 0
+    if mc_samples:
+        values = {
+            **values,
+            "sampling": {**(values.get("sampling") or {}), "eval_samples": mc_samples},
+        }
+    evaluator = build_evaluator(name, block, values, run.task.model, run.mesh)
     metrics = evaluator.evaluate(run.params)
     used_classnames, used_templates = zeroshot_texts(block)
     return {

@@ -3,13 +3,14 @@
     evals = {name: {"kind": KIND, "every_steps": int, "input": config.input block, ...}}
 
 Kinds and their keys (contrastive/evaluators/schema.py; * = required):
-  zeroshot        *input, dataset, classnames, templates, tokenizer, text_length, mc_samples
+  zeroshot        *input, dataset, classnames, templates, tokenizer, text_length, monte_carlo
                   Class names and templates: `classnames` / `templates` (lists; templates with
                   "{c}"), else those of `dataset` (data.zeroshot_texts: "fashion_mnist",
                   "imagenet1k" or another clip_benchmark key); templates default to CLIP's 80.
                   Prompts are tokenized as the training captions: the tokenizer of the training
                   input's tokenize op, model.text_length tokens (`tokenizer` / `text_length` may
-                  be given but must agree). mc_samples > 0 adds Monte-Carlo HET-XL metrics.
+                  be given but must agree). monte_carlo=True adds Monte-Carlo HET-XL metrics
+                  (the run's sampling block: sampling.eval_samples noisy images each).
   classification  *input                      (task "classification": the classifier's head)
   retrieval       *input, max_pairs           (input yields "image" and tokenized "text")
 
@@ -35,8 +36,7 @@ from contrastive.evaluators.classification import ClassificationEvaluator
 from contrastive.evaluators.retrieval import MAX_PAIRS, RetrievalEvaluator
 from contrastive.evaluators.schema import eval_block_problems
 from contrastive.evaluators.zeroshot import MonteCarlo, ZeroShotEvaluator
-from contrastive.losses import make_loss
-from contrastive.losses.hetxl import HetXLLoss
+from contrastive.experiment import sampling_from_config
 from data.config import InputConfig, validate_input_config
 from data.ops import PP_OPS
 from data.pipeline import make_local_iterator
@@ -78,17 +78,13 @@ def _tokenize_options(pp: str) -> tuple[str, bool] | None:
     return None
 
 
-def monte_carlo_options(values: Mapping[str, Any], num_samples: int) -> MonteCarlo:
-    """MonteCarlo with the training loss's way of drawing noise (HetXLLoss's options, or its
-    defaults when the run trained with another loss)."""
-    loss = make_loss(**dict(values.get("loss") or {"name": "clip"}))
-    if not isinstance(loss, HetXLLoss):
-        loss = HetXLLoss()
+def monte_carlo_options(values: Mapping[str, Any]) -> MonteCarlo:
+    """MonteCarlo drawing noise as the run's sampling block says, re-normalised if the training
+    loss was HET-XL with renormalize."""
+    loss = dict(values.get("loss") or {})
     return MonteCarlo(
-        num_samples=num_samples,
-        chunk_size=min(loss.sample_chunk_size, num_samples),
-        share_samples_across_batch=loss.share_samples_across_batch,
-        renormalize=loss.renormalize,
+        sampling_from_config(values),
+        renormalize=loss.get("name") == "hetxl" and bool(loss.get("renormalize", False)),
     )
 
 
@@ -152,7 +148,6 @@ def build_evaluator(
     prompts = zero_shot_prompts(classnames, templates)
     tokenizer = make_tokenizer(text.tokenizer, add_eos=text.add_eos)
     tokens = tokenizer.tokenize(tf.constant(prompts), text.length).numpy()
-    samples = block.get("mc_samples", 0)
     try:
         return ZeroShotEvaluator(
             model,
@@ -161,7 +156,7 @@ def build_evaluator(
             _batches(eval_input, ("label",)),
             local_batch,
             mesh,
-            monte_carlo=monte_carlo_options(values, samples) if samples else None,
+            monte_carlo=monte_carlo_options(values) if block.get("monte_carlo") else None,
         )
     except ValueError as error:
         raise ConfigError(f"evals.{name}: {error}") from error

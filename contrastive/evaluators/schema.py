@@ -18,7 +18,7 @@ EVAL_KEYS = {
         "templates",
         "tokenizer",
         "text_length",
-        "mc_samples",
+        "monte_carlo",
     ),
     "classification": COMMON_KEYS,
     "retrieval": (*COMMON_KEYS, "max_pairs"),
@@ -32,7 +32,12 @@ def eval_block_problems(name: str, block: Any) -> list[str]:
     if kind not in EVAL_KEYS:
         return [f"evals.{name}.kind={kind!r} is unknown; known: {sorted(EVAL_KEYS)}"]
     problems = []
-    unknown = sorted(set(block) - set(EVAL_KEYS[kind]))
+    if "mc_samples" in block:
+        problems.append(
+            f"evals.{name}.mc_samples has moved: set evals.{name}.monte_carlo=True and the "
+            "number of samples in sampling.eval_samples"
+        )
+    unknown = sorted(set(block) - set(EVAL_KEYS[kind]) - {"mc_samples"})
     if unknown:
         problems.append(f"unknown key(s) {unknown} in evals.{name}; known: {EVAL_KEYS[kind]}")
     missing = [key for key in COMMON_KEYS if key not in block]
@@ -43,10 +48,11 @@ def eval_block_problems(name: str, block: Any) -> list[str]:
         problems.append(f"evals.{name}.every_steps must be a positive int")
     if kind == "zeroshot" and not block.get("dataset") and not block.get("classnames"):
         problems.append(f"evals.{name} needs 'dataset' or 'classnames'")
-    for key, low in (("mc_samples", 0), ("max_pairs", 1)):
-        value = block.get(key, low)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            problems.append(f"evals.{name}.{key} must be an int >= {low}")
+    max_pairs = block.get("max_pairs", 1)
+    if not isinstance(max_pairs, int) or isinstance(max_pairs, bool) or max_pairs < 1:
+        problems.append(f"evals.{name}.max_pairs must be an int >= 1")
+    if not isinstance(block.get("monte_carlo", False), bool):
+        problems.append(f"evals.{name}.monte_carlo must be True or False")
     for key in ("classnames", "templates"):
         value = block.get(key)
         if value is not None and (

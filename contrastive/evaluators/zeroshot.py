@@ -29,7 +29,12 @@ from jax.sharding import Mesh
 from contrastive.evaluators.batching import global_batches, map_in_batches
 from contrastive.evaluators.calibration import NUM_BINS, PredictionTotals, per_example_statistics
 from contrastive.mesh import replicated
-from models.heteroscedastic import NoiseParameters, log_mean_exp_over_samples, sample_prelogit_noise
+from models.heteroscedastic import (
+    NoiseParameters,
+    Sampling,
+    log_mean_exp_over_samples,
+    sample_prelogit_noise,
+)
 from models.two_towers import l2_normalize
 
 # Cosines decide rankings; TPUs multiply float32 in bfloat16 passes by default, which reorders
@@ -43,24 +48,15 @@ class MonteCarlo:
     """How HET-XL predictions are averaged over the image noise.
 
     Attributes:
-      num_samples: S noisy embeddings per image.
-      chunk_size: samples evaluated at once (memory, not results, depends on it).
-      share_samples_across_batch, renormalize: as the training loss (HetXLLoss) draws them.
+      sampling: the run's sampling block; S = sampling.eval_samples noisy embeddings per image,
+        drawn sampling.chunk_size at a time (memory, not results, depends on the chunk).
+      renormalize: as the training loss (HetXLLoss) does.
       seed: the noise key, fixed so that repeated evaluations agree.
     """
 
-    num_samples: int
-    chunk_size: int = 8
-    share_samples_across_batch: bool = False
+    sampling: Sampling = Sampling()
     renormalize: bool = False
     seed: int = 0
-
-    def __post_init__(self):
-        if self.num_samples < 1 or self.chunk_size < 1:
-            raise ValueError(
-                f"Monte-Carlo needs num_samples and chunk_size >= 1, got {self.num_samples}, "
-                f"{self.chunk_size}"
-            )
 
 
 def class_embeddings(
@@ -117,7 +113,7 @@ def mc_class_log_probs(
     def per_sample(operands, ids, key, sample_ids):
         images, noise, classes, tau, bias = operands
         noisy = images + sample_prelogit_noise(
-            noise, key, sample_ids, monte_carlo.share_samples_across_batch, ids
+            noise, key, sample_ids, monte_carlo.sampling.share_across_batch, ids
         )
         if monte_carlo.renormalize:
             noisy = l2_normalize(noisy)
@@ -129,8 +125,8 @@ def mc_class_log_probs(
         (image_embeddings, noise, classes, tau, bias),
         example_ids,
         jax.random.key(monte_carlo.seed),
-        monte_carlo.num_samples,
-        monte_carlo.chunk_size,
+        monte_carlo.sampling.eval_samples,
+        monte_carlo.sampling.chunk_size,
     )
 
 
@@ -246,7 +242,7 @@ class ZeroShotEvaluator:
             for key in ("per_class_top1", "per_class_examples", "num_examples"):
                 del mc[key]
             metrics.update({f"mc_{key}": value for key, value in mc.items()})
-            metrics["mc_samples"] = self.monte_carlo.num_samples
+            metrics["mc_samples"] = self.monte_carlo.sampling.eval_samples
         return metrics
 
     def run(self, params) -> dict[str, float]:

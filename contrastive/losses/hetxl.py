@@ -36,7 +36,7 @@ from contrastive.losses.sharding import (
     row_logsumexp,
     scan_column_chunks,
 )
-from models.heteroscedastic import log_mean_exp_over_samples, sample_prelogit_noise
+from models.heteroscedastic import Sampling, log_mean_exp_over_samples, sample_prelogit_noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,21 +44,17 @@ class HetXLLoss:
     """Reads "image_embedding", "text_embedding", "tau" and "noise" (NoiseParameters of the images).
 
     Attributes:
-      num_samples: MC samples S per step.
-      sample_chunk_size: samples evaluated at once.
+      sampling: S = sampling.train_samples per step, drawn sampling.chunk_size at a time.
       column_chunk_size: texts scored at once.
-      share_samples_across_batch: one set of normal draws for all images.
       renormalize: project each noisy image embedding back onto the unit sphere.
     """
 
-    num_samples: int = 16
-    sample_chunk_size: int = 4
+    sampling: Sampling = Sampling()
     column_chunk_size: int = 1024
-    share_samples_across_batch: bool = False
     renormalize: bool = False
 
     def __post_init__(self):
-        require_positive(self, "num_samples", "sample_chunk_size", "column_chunk_size")
+        require_positive(self, "column_chunk_size")
 
     def __call__(self, outputs: dict, rng: jax.Array, axis_names: AxisNames):
         images, texts = outputs["image_embedding"], outputs["text_embedding"]
@@ -75,8 +71,8 @@ class HetXLLoss:
             (images, texts, all_texts, noise, tau, text_noise, all_images),
             example_ids,
             rng,
-            self.num_samples,
-            self.sample_chunk_size,
+            self.sampling.train_samples,
+            self.sampling.chunk_size,
         )
         loss_i2t = -global_mean(log_lik[0], axis_names)
         loss_t2i = -global_mean(log_lik[1], axis_names)
@@ -96,7 +92,7 @@ class HetXLLoss:
     def _noisy(self, embeddings, noise, key, sample_ids, example_ids):
         """Noisy copies f32[C, b, D] of unit embeddings f32[b, D], one per sample id."""
         noisy = embeddings + sample_prelogit_noise(
-            noise, key, sample_ids, self.share_samples_across_batch, example_ids
+            noise, key, sample_ids, self.sampling.share_across_batch, example_ids
         )
         if self.renormalize:
             noisy = noisy / jnp.linalg.norm(noisy, axis=-1, keepdims=True)

@@ -2,7 +2,8 @@
 
 Public API:
   HeteroscedasticHead                  the classification head (kind "det" | "het" | "hetxl").
-  NoiseConfig, HeteroscedasticNoise    covariance parameterisation and sampling options.
+  NoiseConfig, HeteroscedasticNoise    covariance parameterisation.
+  Sampling                             MC samples, chunk size, shared draws (heads, loss, evals).
   NoiseParameters                      V(x), d(x) and the mean shift of one batch.
   TemperatureConfig, Temperature       fixed, bounded, bounded-in-log-space or CLIP log-scale tau.
   prelogit_noise_logits                HET-XL noise + ANY class matrix -> LogitDistribution.
@@ -33,6 +34,7 @@ from models.heteroscedastic.noise import (
     NoiseConfig,
     NoiseParameters,
 )
+from models.heteroscedastic.sampling import Sampling
 from models.heteroscedastic.temperature import (
     TEMPERATURE_MODES,
     Temperature,
@@ -51,6 +53,7 @@ __all__ = [
     "LogitDistribution",
     "NoiseConfig",
     "NoiseParameters",
+    "Sampling",
     "Temperature",
     "TemperatureConfig",
     "bounded_log_tau",

@@ -16,6 +16,7 @@ import jax
 
 from models.heteroscedastic import mc
 from models.heteroscedastic.noise import HeteroscedasticNoise, NoiseConfig
+from models.heteroscedastic.sampling import Sampling
 from models.heteroscedastic.temperature import Temperature, TemperatureConfig
 
 HEAD_KINDS = ("det", "het", "hetxl")
@@ -28,7 +29,8 @@ class HeteroscedasticHead(nn.Module):
       num_classes: K.
       kind: "det", "het" (noise in logit space) or "hetxl" (noise in pre-logit space).
       likelihood: "softmax" (one label per example) or "sigmoid" (multi-label).
-      noise: covariance parameterisation and MC sampling (ignored by "det").
+      noise: covariance parameterisation (ignored by "det").
+      sampling: how many MC samples, in what chunks (ignored by "det").
       temperature: fixed or learned tau.
 
     Parameters: kernel f32[D, K], bias f32[K], noise/... (HET, HET-XL), temperature/... (learned).
@@ -40,6 +42,7 @@ class HeteroscedasticHead(nn.Module):
     likelihood: str = "softmax"
     noise: NoiseConfig = NoiseConfig()
     temperature: TemperatureConfig = TemperatureConfig()
+    sampling: Sampling = Sampling()
 
     @nn.compact
     def __call__(
@@ -54,7 +57,7 @@ class HeteroscedasticHead(nn.Module):
         pre_logits: phi(x), f32[B, D].
         labels: None to get log-probabilities f32[B, K]; else class ids i32[B] (softmax) or
           targets f32[B, K] (sigmoid) to get their log-likelihood f32[B].
-        train: use noise.train_samples (else noise.eval_samples).
+        train: use sampling.train_samples (else sampling.eval_samples).
         deterministic: no noise, the mean logits only (DET's prediction with this head's W).
         """
         if self.kind not in HEAD_KINDS:
@@ -73,9 +76,9 @@ class HeteroscedasticHead(nn.Module):
                 return mc.deterministic_log_probs(distribution, tau, self.likelihood)
             return mc.deterministic_log_likelihood(distribution, tau, labels, self.likelihood)
         sampling = dict(
-            num_samples=self.noise.num_samples(train),
-            chunk_size=self.noise.sample_chunk_size,
-            share_samples_across_batch=self.noise.share_samples_across_batch,
+            num_samples=self.sampling.samples(train),
+            chunk_size=self.sampling.chunk_size,
+            share_across_batch=self.sampling.share_across_batch,
             likelihood=self.likelihood,
         )
         key = self.make_rng("noise")

@@ -365,8 +365,8 @@ def mc_log_probs(
     key: jax.Array,
     *,
     num_samples: int,
-    chunk_size: int = 16,
-    share_samples_across_batch: bool = False,
+    chunk_size: int,
+    share_across_batch: bool = False,
     likelihood: str = "softmax",
 ) -> jax.Array:
     """log E[softmax(u / tau)] (or log E[sigmoid(u / tau)]), f32[B, K], from S samples.
@@ -376,7 +376,7 @@ def mc_log_probs(
     """
     _check_likelihood(likelihood)
     sample_fn = functools.partial(
-        _per_sample_log_probs, likelihood=likelihood, share=share_samples_across_batch
+        _per_sample_log_probs, likelihood=likelihood, share=share_across_batch
     )
     log_probs = log_mean_exp_over_samples(
         sample_fn, (distribution, tau), None, key, num_samples, chunk_size
@@ -391,8 +391,8 @@ def mc_log_likelihood(
     key: jax.Array,
     *,
     num_samples: int,
-    chunk_size: int = 16,
-    share_samples_across_batch: bool = False,
+    chunk_size: int,
+    share_across_batch: bool = False,
     likelihood: str = "softmax",
 ) -> jax.Array:
     """MC log-likelihood of the labels, f32[B]; minus it is the training loss.
@@ -405,12 +405,12 @@ def mc_log_likelihood(
     """
     _check_likelihood(likelihood)
     if likelihood == "softmax":
-        sample_fn = functools.partial(_per_sample_label_log_probs, share=share_samples_across_batch)
+        sample_fn = functools.partial(_per_sample_label_log_probs, share=share_across_batch)
         return log_mean_exp_over_samples(
             sample_fn, (distribution, tau), labels, key, num_samples, chunk_size
         )
     sample_fn = functools.partial(
-        _per_sample_log_probs, likelihood="sigmoid", share=share_samples_across_batch
+        _per_sample_log_probs, likelihood="sigmoid", share=share_across_batch
     )
     log_positive, log_negative = log_mean_exp_over_samples(
         sample_fn, (distribution, tau), None, key, num_samples, chunk_size

@@ -20,7 +20,8 @@ DIAG_MODES = ("per_dim", "shared_scalar")
 
 @dataclasses.dataclass(frozen=True)
 class NoiseConfig:
-    """Covariance parameterisation and Monte-Carlo sampling of a heteroscedastic head.
+    """Covariance parameterisation of a heteroscedastic head (how its noise is sampled is the
+    separate `Sampling` block, shared with the contrastive loss).
 
     Attributes:
       num_factors: R, the rank of the low-rank part V(x).
@@ -30,9 +31,6 @@ class NoiseConfig:
         model); "shared_scalar" draws one scalar per (example, sample) and broadcasts it over the
         dimensions (the reference JAX code), which makes that term d d^T.
       min_scale: floor of the diagonal scale d(x) = softplus(.) + min_scale.
-      train_samples, eval_samples: Monte-Carlo samples S in training and evaluation.
-      share_samples_across_batch: one set of standard-normal draws for the whole batch.
-      sample_chunk_size: samples evaluated at once; peak memory depends on it, not on S.
       diag_scale_init: initial d(x) for zero input (sets the diag bias); None: bias 0, d ~ 0.69.
       kernel_init_scale: multiplies the standard deviation of the noise layers' initial kernels.
         Contrastive models start with unit-norm embeddings: small initial noise (e.g. scale 0.01
@@ -43,28 +41,20 @@ class NoiseConfig:
     parameter_efficient: bool = True
     diag_mode: str = "per_dim"
     min_scale: float = 1e-3
-    train_samples: int = 16
-    eval_samples: int = 16
-    share_samples_across_batch: bool = False
-    sample_chunk_size: int = 16
     diag_scale_init: float | None = None
     kernel_init_scale: float = 1.0
 
     def __post_init__(self):
         if self.diag_mode not in DIAG_MODES:
             raise ValueError(f"diag_mode {self.diag_mode!r} is unknown; known: {DIAG_MODES}")
-        for name in ("num_factors", "train_samples", "eval_samples", "sample_chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_factors < 1:
+            raise ValueError(f"num_factors must be >= 1, got {self.num_factors}")
         if self.min_scale < 0:
             raise ValueError(f"min_scale must be >= 0, got {self.min_scale}")
         if self.diag_scale_init is not None and self.diag_scale_init <= self.min_scale:
             raise ValueError(
                 f"diag_scale_init {self.diag_scale_init} must exceed min_scale {self.min_scale}"
             )
-
-    def num_samples(self, train: bool) -> int:
-        return self.train_samples if train else self.eval_samples
 
 
 @struct.dataclass

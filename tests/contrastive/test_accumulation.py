@@ -19,14 +19,14 @@ from contrastive.losses import make_loss, shard_loss
 from contrastive.mesh import BATCH_AXES, batch_sharding, make_mesh, replicated, state_shardings
 from contrastive.objectives import contrastive_objective
 from contrastive.xla_stats import compile_function
-from models.heteroscedastic import NoiseConfig, TemperatureConfig
+from models.heteroscedastic import NoiseConfig, Sampling, TemperatureConfig
 from models.two_towers import TwoTowers
 
 BATCH, IMAGE, LENGTH, VOCAB = 32, 16, 8, 64
 
 LOSS_OPTIONS = {
     "clip": {"column_chunk_size": 8},
-    "hetxl": {"num_samples": 6, "sample_chunk_size": 3, "column_chunk_size": 8},
+    "hetxl": {"sampling": Sampling(train_samples=6, chunk_size=3), "column_chunk_size": 8},
 }
 
 
@@ -233,13 +233,13 @@ def test_batch_that_does_not_split_over_devices_is_rejected():
     value_and_grad = accumulated_contrastive_value_and_grad(model, loss, mesh, 8)
     with pytest.raises(ValueError, match="multiple of accum_steps \\* devices = 64"):
         jax.eval_shape(value_and_grad, params, batch, jax.random.key(0))
-    with pytest.raises(ValueError, match="accum_steps must be >= 1"):
-        accumulated_contrastive_value_and_grad(model, loss, mesh, 0)
+    with pytest.raises(ValueError, match="accumulation needs accum_steps >= 2, got 1"):
+        accumulated_contrastive_value_and_grad(model, loss, mesh, 1)
 
 
 def test_accumulation_needs_less_activation_memory():
     # 64 tokens per image: activations, not parameters or the [B, D] outputs, dominate the
-    # temporary memory of the full-batch gradient (accum_steps=1 is the plain objective's).
+    # temporary memory of the full-batch gradient (1: the plain objective's, no accumulation).
     # Temporaries are compared directly: on the CPU backend XLA's peak_memory_in_bytes (what
     # xla_stats.peak_bytes reads first) counts only arguments and outputs.
     mesh = make_mesh({"data": 8})
@@ -266,9 +266,12 @@ def test_accumulation_needs_less_activation_memory():
         shardings,
     )
     temp_bytes = {}
+    plain = jax.value_and_grad(contrastive_objective(model, loss, mesh), has_aux=True)
     for accum_steps in (1, 4):
         compiled = compile_function(
-            accumulated_contrastive_value_and_grad(model, loss, mesh, accum_steps),
+            plain
+            if accum_steps == 1
+            else accumulated_contrastive_value_and_grad(model, loss, mesh, accum_steps),
             params,
             batch,
             jax.random.key(0),

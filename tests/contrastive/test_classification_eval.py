@@ -70,6 +70,7 @@ class PixelsThroughHead(nn.Module):
     dim: int
     noise: het.NoiseConfig
     temperature: het.TemperatureConfig
+    sampling: het.Sampling
 
     @nn.compact
     def __call__(self, images, labels=None, *, train=False, deterministic=False):
@@ -78,6 +79,7 @@ class PixelsThroughHead(nn.Module):
             "hetxl",
             noise=self.noise,
             temperature=self.temperature,
+            sampling=self.sampling,
             name="classifier",
         )
         return head(images[:, 0, : self.dim, 0], labels, train=train, deterministic=deterministic)
@@ -100,9 +102,8 @@ def test_hetxl_head_is_scored_by_its_mc_prediction_with_eval_samples_and_tau():
         num_classes=2,
         dim=2,
         # One training sample: an evaluator that scored with train=True would be far off.
-        noise=het.NoiseConfig(
-            num_factors=1, train_samples=1, eval_samples=samples, sample_chunk_size=10_000
-        ),
+        noise=het.NoiseConfig(num_factors=1),
+        sampling=het.Sampling(train_samples=1, eval_samples=samples, chunk_size=10_000),
         temperature=het.TemperatureConfig("fixed", init=tau),
     )
     n = 8

@@ -82,12 +82,36 @@ BROKEN = [
         edits(("model.noise", None)),
         ["loss.name='hetxl'", "model.noise"],
     ),
-    ("zero_samples", "hetxl", edits(("loss.num_samples", 0)), ["loss", "num_samples"]),
+    ("zero_samples", "hetxl", edits(("sampling.train_samples", 0)), ["sampling", "train_samples"]),
     (
         "negative_sample_chunk",
         "hetxl",
-        edits(("loss.sample_chunk_size", -2)),
-        ["loss", "sample_chunk_size"],
+        edits(("sampling.chunk_size", -2)),
+        ["sampling", "chunk_size"],
+    ),
+    (
+        "samples_left_in_the_loss",
+        "hetxl",
+        edits(("loss.num_samples", 64)),
+        ["loss.num_samples has moved to sampling.train_samples"],
+    ),
+    (
+        "samples_left_in_the_noise",
+        "hetxl",
+        edits(("model.noise.train_samples", 999)),
+        ["model.noise.train_samples has moved to sampling.train_samples"],
+    ),
+    (
+        "unknown_sampling_key",
+        "hetxl",
+        edits(("sampling.samples", 4)),
+        ["sampling: unknown key(s) ['samples']"],
+    ),
+    (
+        "mc_samples_in_an_eval",
+        "hetxl",
+        edits(("evals.zeroshot.mc_samples", 4)),
+        ["evals.zeroshot.mc_samples has moved", "sampling.eval_samples"],
     ),
     (
         "zero_column_chunk",
@@ -251,7 +275,7 @@ def test_every_problem_is_reported_at_once(data_dir):
     text = "\n".join(raised.value.problems)
     for fragment in (
         "depht",
-        "num_samples",
+        "train_samples",
         "optim.lr",
         "optim.name",
         "log_every=0",

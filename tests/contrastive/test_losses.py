@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from contrastive.losses import make_loss, shard_loss
 from contrastive.xla_stats import compile_function, peak_bytes
-from models.heteroscedastic import NoiseParameters, standard_normal_draws
+from models.heteroscedastic import NoiseParameters, Sampling, standard_normal_draws
 
 DEVICES = 8
 
@@ -146,7 +146,9 @@ def test_siglip_matches_dense_reference(mesh, batch, chunk):
 )
 def test_hetxl_matches_dense_reference(mesh, batch, samples, sample_chunk, column_chunk):
     loss = make_loss(
-        "hetxl", num_samples=samples, sample_chunk_size=sample_chunk, column_chunk_size=column_chunk
+        "hetxl",
+        sampling=Sampling(train_samples=samples, chunk_size=sample_chunk),
+        column_chunk_size=column_chunk,
     )
     compare(mesh, loss, dense_hetxl(samples), random_outputs(batch))
 
@@ -155,11 +157,9 @@ def test_hetxl_matches_dense_reference(mesh, batch, samples, sample_chunk, colum
 def test_hetxl_options_match_dense_reference(mesh, renormalize, share):
     loss = make_loss(
         "hetxl",
-        num_samples=6,
-        sample_chunk_size=4,
+        sampling=Sampling(train_samples=6, chunk_size=4, share_across_batch=share),
         column_chunk_size=7,
         renormalize=renormalize,
-        share_samples_across_batch=share,
     )
     compare(mesh, loss, dense_hetxl(6, renormalize, share), random_outputs(16))
 
@@ -167,7 +167,7 @@ def test_hetxl_options_match_dense_reference(mesh, renormalize, share):
 def test_hetxl_with_text_noise_matches_dense_reference(mesh):
     outputs = random_outputs(16)
     outputs["text_noise"] = random_outputs(16, seed=9)["noise"]
-    loss = make_loss("hetxl", num_samples=5, sample_chunk_size=2, column_chunk_size=6)
+    loss = make_loss("hetxl", sampling=Sampling(train_samples=5, chunk_size=2), column_chunk_size=6)
     compare(mesh, loss, dense_hetxl(5), outputs)
 
 
@@ -175,7 +175,7 @@ def test_hetxl_with_noise_at_the_floor_equals_clip(mesh):
     outputs = random_outputs(24)
     clip_value = jax.jit(shard_loss(make_loss("clip"), mesh))(outputs, jax.random.key(0))[0]
     silent = outputs | {"noise": jax.tree.map(jnp.zeros_like, outputs["noise"])}
-    hetxl = jax.jit(shard_loss(make_loss("hetxl", num_samples=8), mesh))
+    hetxl = jax.jit(shard_loss(make_loss("hetxl", sampling=Sampling(train_samples=8)), mesh))
     np.testing.assert_allclose(hetxl(silent, jax.random.key(1))[0], clip_value, rtol=1e-6)
     floor = silent | {"noise": silent["noise"].replace(diag_scale=jnp.full((24, 6), 1e-3))}
     np.testing.assert_allclose(hetxl(floor, jax.random.key(1))[0], clip_value, rtol=1e-3)
@@ -214,7 +214,7 @@ def test_per_direction_losses_and_noise_metrics_match_dense_values(mesh):
     expected["hetxl"]["noise_factor_norm"] = np.mean(
         np.sqrt(np.sum(np.asarray(noise.factors) ** 2, axis=(1, 2)))
     )
-    options = {"clip": {}, "hetxl": {"num_samples": 5, "sample_chunk_size": 2}}
+    options = {"clip": {}, "hetxl": {"sampling": Sampling(train_samples=5, chunk_size=2)}}
     for name, values in expected.items():
         loss = make_loss(name, column_chunk_size=6, **options[name])
         _, metrics = jax.jit(shard_loss(loss, mesh))(outputs, rng)
@@ -254,7 +254,9 @@ def loss_and_grad_peak_bytes(mesh, loss, local_batch, dim=32, factors=4):
 
 def test_hetxl_loss_memory_is_flat_in_samples(mesh):
     def peak(samples):
-        loss = make_loss("hetxl", num_samples=samples, sample_chunk_size=8, column_chunk_size=64)
+        loss = make_loss(
+            "hetxl", sampling=Sampling(train_samples=samples, chunk_size=8), column_chunk_size=64
+        )
         return loss_and_grad_peak_bytes(mesh, loss, local_batch=32)
 
     small, large = peak(16), peak(128)
@@ -263,7 +265,9 @@ def test_hetxl_loss_memory_is_flat_in_samples(mesh):
 
 def test_hetxl_loss_memory_is_linear_in_the_per_device_batch(mesh):
     def peak(local_batch):
-        loss = make_loss("hetxl", num_samples=16, sample_chunk_size=8, column_chunk_size=64)
+        loss = make_loss(
+            "hetxl", sampling=Sampling(train_samples=16, chunk_size=8), column_chunk_size=64
+        )
         return loss_and_grad_peak_bytes(mesh, loss, local_batch)
 
     peaks = {b: peak(b) for b in (32, 128)}

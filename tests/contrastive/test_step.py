@@ -11,7 +11,7 @@ from contrastive.losses import make_loss
 from contrastive.mesh import make_mesh
 from contrastive.objectives import contrastive_objective
 from contrastive.step import init_train_state, make_train_step
-from models.heteroscedastic import NoiseConfig, TemperatureConfig
+from models.heteroscedastic import NoiseConfig, Sampling, TemperatureConfig
 from models.two_towers import TwoTowers
 
 BATCH, IMAGE, LENGTH, VOCAB = 16, 16, 8, 64
@@ -47,7 +47,7 @@ def random_batch(seed=0):
 LOSS_OPTIONS = {
     "clip": {"column_chunk_size": 8},
     "siglip": {"column_chunk_size": 8},
-    "hetxl": {"num_samples": 6, "sample_chunk_size": 3, "column_chunk_size": 8},
+    "hetxl": {"sampling": Sampling(train_samples=6, chunk_size=3), "column_chunk_size": 8},
 }
 
 

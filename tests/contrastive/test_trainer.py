@@ -1,6 +1,7 @@
 """The trainer end to end on tiny data the tests write: every method, resume, SIGTERM, non-finite
 halt, config validation."""
 
+import json
 import os
 import signal
 import subprocess
@@ -53,9 +54,6 @@ def fashion_input(data_dir, split, training, batch=BATCH, with_text=True):
 
 def contrastive_config(data_dir, loss="hetxl", steps=6):
     noise = dict(num_factors=2, diag_scale_init=0.02, kernel_init_scale=0.1)
-    loss_block = {"name": loss, "column_chunk_size": 8}
-    if loss == "hetxl":
-        loss_block.update(num_samples=4, sample_chunk_size=2)
     return ml_collections.ConfigDict(
         dict(
             task="contrastive",
@@ -77,7 +75,8 @@ def contrastive_config(data_dir, loss="hetxl", steps=6):
                 image_size=IMAGE,
                 text_length=LENGTH,
             ),
-            loss=loss_block,
+            loss={"name": loss, "column_chunk_size": 8},
+            sampling=dict(train_samples=4, eval_samples=4, chunk_size=2),
             optim=dict(name="adamw", lr=1e-3, clip_norm=1.0, schedule=dict(name="cosine")),
             total_steps=steps,
             log_every=2,
@@ -108,10 +107,11 @@ def classification_config(data_dir, head="hetxl"):
                 image_tower=dict(name="vit", patch_size=(14, 14), pool_type="gap", **tiny_tower()),
                 num_classes=10,
                 head=head,
-                noise=dict(num_factors=2, train_samples=4, eval_samples=4, sample_chunk_size=2),
+                noise=dict(num_factors=2),
                 temperature=dict(mode="bounded", lo=0.05, hi=5.0),
                 image_size=IMAGE,
             ),
+            sampling=dict(train_samples=4, eval_samples=4, chunk_size=2),
             optim=dict(name="adamw", lr=1e-3),
             total_steps=4,
             log_every=2,
@@ -141,6 +141,8 @@ def test_each_contrastive_method_trains_logs_evaluates_and_checkpoints(fashion_d
     assert all(row["zeroshot_examples"] == 20 for row in evaluated)
     assert (tmp_path / "config.json").exists()
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == [3, 6]
+    metadata = json.loads((tmp_path / "checkpoints" / "3" / "metadata" / "metadata").read_text())
+    assert metadata["step"] == 3 and metadata["total_steps"] == 6
 
 
 @pytest.mark.parametrize("head", ["det", "hetxl"])

@@ -13,7 +13,7 @@ import pytest
 from contrastive.evaluators.batching import pad_batch
 from contrastive.evaluators.zeroshot import MonteCarlo, ZeroShotEvaluator
 from contrastive.mesh import make_mesh
-from models.heteroscedastic import NoiseParameters
+from models.heteroscedastic import NoiseParameters, Sampling
 from models.two_towers import TwoTowers
 
 CLASSES, TEMPLATES, LENGTH, IMAGES = 7, 3, 5, 21
@@ -190,7 +190,7 @@ def test_monte_carlo_prediction_matches_its_analytic_value():
         batches_of(images, labels, 8),
         8,
         make_mesh({"data": 8}),
-        monte_carlo=MonteCarlo(num_samples=4096, chunk_size=512),
+        monte_carlo=MonteCarlo(Sampling(eval_samples=4096, chunk_size=512)),
     )
     metrics = evaluator.evaluate({})
     analytic = expected_sigmoid_of_gaussian(1.0, 2.0)
@@ -218,7 +218,7 @@ def test_monte_carlo_metrics_do_not_depend_on_batching_or_order():
             batches_of(images[order], labels[order], batch),
             8,
             make_mesh({"data": 8}),
-            monte_carlo=MonteCarlo(num_samples=8, chunk_size=3),
+            monte_carlo=MonteCarlo(Sampling(eval_samples=8, chunk_size=3)),
         )
         results.append(evaluator.evaluate({}))
     for key in ("mc_top1", "mc_nll", "mc_ece", "mc_brier", "nll"):
@@ -235,7 +235,7 @@ def test_monte_carlo_needs_a_model_with_noise():
             lambda: iter(()),
             8,
             make_mesh({"data": 8}),
-            monte_carlo=MonteCarlo(num_samples=4),
+            monte_carlo=MonteCarlo(Sampling(eval_samples=4)),
         )
 
 

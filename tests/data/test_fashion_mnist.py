@@ -14,6 +14,7 @@ from data.fashion_mnist import (
     FashionMnistSource,
     fashion_mnist_captions,
     load_split,
+    noisy_labels,
     read_idx,
 )
 from data.package_files import clip_benchmark_file
@@ -154,3 +155,72 @@ def test_batches_are_rgb_at_the_configured_size_with_matching_captions(tmp_path)
             texts_by_label.setdefault(int(label), set()).add(tuple(text))
     assert set(np.unique(data["train"][1])) == set(range(10))
     assert max(len(v) for v in texts_by_label.values()) > 1  # captions vary per example
+
+
+# Input-dependent label noise (the module doc of data/fashion_mnist.py).
+CONFUSABLE = {0, 2, 4, 6}
+
+
+def test_label_noise_flips_each_class_at_its_rate_to_the_allowed_classes():
+    assert {LABEL_NAMES[c] for c in CONFUSABLE} == {"T-shirt/top", "Pullover", "Coat", "Shirt"}
+    n_per_class, p_confusable, p_other = 20_000, 0.3, 0.05
+    clean = np.repeat(np.arange(10), n_per_class)
+    noisy = noisy_labels(clean, p_confusable, p_other, seed=7)
+    for label in range(10):
+        targets = noisy[clean == label]
+        p = p_confusable if label in CONFUSABLE else p_other
+        allowed = (CONFUSABLE if label in CONFUSABLE else set(range(10))) - {label}
+        # Binomial counts: 5 standard deviations either way.
+        tolerance = 5 * np.sqrt(p * (1 - p) / n_per_class)
+        assert abs(np.mean(targets != label) - p) < tolerance, label
+        counts = np.bincount(targets[targets != label], minlength=10)
+        assert set(np.flatnonzero(counts)) == allowed
+        # Each allowed wrong class gets an equal share of the flips.
+        share = p / len(allowed)
+        shares = counts[sorted(allowed)] / n_per_class
+        assert np.all(np.abs(shares - share) < 5 * np.sqrt(share * (1 - share) / n_per_class))
+
+
+def test_label_noise_is_input_dependent_and_a_function_of_seed_and_example():
+    clean = np.arange(50_000) % 10
+    noisy = noisy_labels(clean, 0.4, 0.02, seed=3)
+    confusable = np.isin(clean, list(CONFUSABLE))
+    assert np.mean(noisy[confusable] != clean[confusable]) > 10 * np.mean(
+        noisy[~confusable] != clean[~confusable]
+    )
+    np.testing.assert_array_equal(noisy, noisy_labels(clean, 0.4, 0.02, seed=3))
+    # An example's label does not depend on how many examples follow it.
+    np.testing.assert_array_equal(noisy[:1000], noisy_labels(clean[:1000], 0.4, 0.02, seed=3))
+    assert np.mean(noisy != noisy_labels(clean, 0.4, 0.02, seed=4)) > 0.1
+    np.testing.assert_array_equal(noisy_labels(clean, 0.0, 0.0, seed=3), clean)
+    assert np.all(noisy_labels(clean, 1.0, 0.0, seed=3)[confusable] != clean[confusable])
+    with pytest.raises(ValueError, match="label_noise_other"):
+        noisy_labels(clean, 0.1, 1.5, seed=0)
+
+
+def test_source_captions_follow_the_noisy_labels_and_keeps_the_clean_ones(tmp_path):
+    data = make_fashion_dir(tmp_path, n_train=40)
+    options = dict(label_noise_confusable=1.0, label_noise_other=0.0, label_noise_seed=5)
+    source = FashionMnistSource(data_dir=str(tmp_path), **options)
+    clean = data["train"][1]
+    np.testing.assert_array_equal(source.clean_labels, clean)
+    flipped = source.labels != clean
+    np.testing.assert_array_equal(flipped, np.isin(clean, list(CONFUSABLE)))
+    assert "label noise 1 confusable / 0 other: 40.0% flipped" in source.describe()
+
+    pp = "decode|resize(28)|value_range(-1, 1)|tokenize(max_len=20)"
+    config = fashion_config(tmp_path, pp=pp, shuffle_buffer=0)
+    config["source"].update(options)
+    iterator = make_local_iterator(config, 0, 1)
+    tokenizer = make_tokenizer("minilm")
+    per_class = [
+        {tuple(row) for row in tokenizer.tokenize(tf.constant(list(c)), 20).numpy()}
+        for c in fashion_mnist_captions()
+    ]
+    for _ in range(5):
+        batch = next(iterator)
+        # Pixel (0, 0) holds the example's index: its label and caption are the noisy ones.
+        index = np.round((batch["image"][:, 0, 0, 0] + 1) * 127.5).astype(int)
+        np.testing.assert_array_equal(batch["label"], source.labels[index])
+        for text, label in zip(batch["text"], batch["label"], strict=True):
+            assert tuple(text) in per_class[label]

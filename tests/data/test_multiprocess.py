@@ -23,9 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_shards(folder: Path, bad_first: dict[int, list[bytes]] | None = None) -> str:
-    """N good pairs over 4 files (file k holds k, k+4, ...); bad_first[k] goes at the top of file k.
-    Files are shared out whole: process 0 reads files 0 and 2, process 1 files 1 and 3."""
+def write_shards(
+    folder: Path,
+    bad_first: dict[int, list[bytes]] | None = None,
+    bad_last: dict[int, list[bytes]] | None = None,
+) -> str:
+    """N good pairs over 4 files (file k holds k, k+4, ...); bad_first[k] goes at the top of file k,
+    bad_last[k] at its bottom. Files are shared out whole: process 0 reads files 0 and 2,
+    process 1 files 1 and 3."""
     import tensorflow as tf
 
     for shard in range(4):
@@ -34,6 +39,8 @@ def write_shards(folder: Path, bad_first: dict[int, list[bytes]] | None = None) 
                 writer.write(record)
             for i in range(shard, N, 4):
                 writer.write(encode_example(encode_image(labelled_image(i)), f"caption {i}"))
+            for record in (bad_last or {}).get(shard, []):
+                writer.write(record)
     return str(folder / "pairs-*.tfrecord")
 
 
@@ -94,14 +101,20 @@ def test_two_processes_read_disjoint_halves_of_the_dataset(tmp_path):
 def test_skipped_counts_are_summed_over_processes(tmp_path):
     empty_text = encode_example(encode_image(labelled_image(0)), "")
     not_an_example = b"this is not a tf.train.Example"
-    # File 0 is process 0's, file 3 process 1's.
-    files = write_shards(tmp_path, {0: [empty_text], 3: [not_an_example, not_an_example]})
+    html = encode_example(b"<html><body>404</body></html>", "caption")
+    # File 0 is process 0's, files 1 and 3 process 1's. The records at the bottom of file 3
+    # come after process 1's last good record: only the end of the pass can count them.
+    files = write_shards(
+        tmp_path,
+        bad_first={0: [empty_text], 1: [not_an_example]},
+        bad_last={3: [not_an_example, html, empty_text]},
+    )
     reports = run_two_workers(files, "all", tmp_path)
     # One full epoch: every good record arrives and every bad one has been read and counted.
     assert sorted(reports[0]["gathered"]) == list(range(N))
     local = [{k: v for k, v in r["skipped_local"].items() if v} for r in reports]
-    assert local == [{"empty_text": 1}, {"undecodable": 2}]
+    assert local == [{"empty_text": 1}, {"empty_text": 1, "undecodable": 3}]
     for report in reports:
-        assert report["skipped_total"]["empty_text"] == 1
-        assert report["skipped_total"]["undecodable"] == 2
-        assert sum(report["skipped_total"].values()) == 3
+        assert report["skipped_total"]["empty_text"] == 2
+        assert report["skipped_total"]["undecodable"] == 3
+        assert sum(report["skipped_total"].values()) == 5

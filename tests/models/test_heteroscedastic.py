@@ -31,13 +31,14 @@ def head_noise_key(model, params, key):
     return model.apply(params, method=lambda m: m.make_rng("noise"), rngs={"noise": key})
 
 
-def head(kind, classes, factors, *, efficient=True, learned_tau=False, **noise):
+def head(kind, classes, factors, *, efficient=True, learned_tau=False, **sampling):
     temperature = het.TemperatureConfig("bounded" if learned_tau else "fixed")
     return het.HeteroscedasticHead(
         num_classes=classes,
         kind=kind,
-        noise=het.NoiseConfig(num_factors=factors, parameter_efficient=efficient, **noise),
+        noise=het.NoiseConfig(num_factors=factors, parameter_efficient=efficient),
         temperature=temperature,
+        sampling=het.Sampling(**sampling),
     )
 
 
@@ -202,7 +203,7 @@ def test_noise_at_the_floor_equals_det(kind):
     phi = jax.random.normal(jax.random.key(3), (4, dim))
     # The MC error of each log-probability is about d * sqrt(2 / S) ~ 2e-5 at S = 4000, so the
     # largest of the 44 deviations stays below 1e-4.
-    model = head(kind, classes, 4, eval_samples=4000, sample_chunk_size=1000)
+    model = head(kind, classes, 4, eval_samples=4000, chunk_size=1000)
     params = model.init({"params": KEY, "noise": KEY}, phi)["params"]
     noise = params["noise"]
     # V = 0 (v(x) = 0) and d = softplus(-40) + 1e-3 = 1e-3.
@@ -404,7 +405,7 @@ def test_sigmoid_head_averages_sigmoids():
 def test_share_samples_across_batch_gives_identical_outputs_for_identical_inputs():
     phi = jnp.tile(jax.random.normal(KEY, (1, 8)), (4, 1))
     for share, identical in [(True, True), (False, False)]:
-        model = head("hetxl", 10, 3, share_samples_across_batch=share, eval_samples=8)
+        model = head("hetxl", 10, 3, share_across_batch=share, eval_samples=8)
         params = model.init({"params": KEY, "noise": KEY}, phi)
         log_probs = np.asarray(model.apply(params, phi, rngs={"noise": jax.random.key(5)}))
         same = all(np.array_equal(log_probs[0], row) for row in log_probs[1:])
@@ -413,7 +414,7 @@ def test_share_samples_across_batch_gives_identical_outputs_for_identical_inputs
 
 def test_train_and_eval_sample_counts_are_separate():
     phi, weights, bias, noise = random_problem()
-    model = head("hetxl", 7, 3, train_samples=3, eval_samples=29, sample_chunk_size=4)
+    model = head("hetxl", 7, 3, train_samples=3, eval_samples=29, chunk_size=4)
     params = model.init({"params": KEY, "noise": KEY}, phi)
     p = params["params"]
     noise = het.HeteroscedasticNoise(6, model.noise).apply({"params": p["noise"]}, phi)
@@ -515,8 +516,9 @@ def test_gradients_match_a_dense_reference_and_reach_t_v_d_and_w():
     model = het.HeteroscedasticHead(
         num_classes=classes,
         kind="hetxl",
-        noise=het.NoiseConfig(num_factors=factors, train_samples=samples, sample_chunk_size=4),
+        noise=het.NoiseConfig(num_factors=factors),
         temperature=het.TemperatureConfig("bounded"),
+        sampling=het.Sampling(train_samples=samples, chunk_size=4),
     )
     params = model.init({"params": KEY, "noise": KEY}, phi)["params"]
     params["noise"]["factor_shift"] = jnp.linspace(-0.1, 0.1, dim)
@@ -612,7 +614,8 @@ def compiled_loss_and_grad_peak(num_samples: int) -> int:
     model = het.HeteroscedasticHead(
         num_classes=classes,
         kind="hetxl",
-        noise=het.NoiseConfig(num_factors=8, train_samples=num_samples, sample_chunk_size=16),
+        noise=het.NoiseConfig(num_factors=8),
+        sampling=het.Sampling(train_samples=num_samples, chunk_size=16),
     )
     phi = jax.ShapeDtypeStruct((batch, dim), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)

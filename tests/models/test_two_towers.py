@@ -12,7 +12,7 @@ from contrastive.mesh import make_mesh
 from contrastive.objectives import contrastive_objective
 from contrastive.step import init_train_state, make_train_step
 from models import pretrained, text_transformer, vit
-from models.heteroscedastic import NoiseConfig, TemperatureConfig
+from models.heteroscedastic import NoiseConfig, Sampling, TemperatureConfig
 from models.two_towers import (
     TwoTowers,
     example_inputs,
@@ -212,7 +212,7 @@ def test_lit_loads_both_pretrained_towers_and_keeps_the_locked_ones_bit_identica
         source_params["Transformer"]["encoder_norm"]["scale"],
     )
     before = jax.device_get(state.params)
-    loss = make_loss("hetxl", num_samples=4, sample_chunk_size=2, column_chunk_size=8)
+    loss = make_loss("hetxl", sampling=Sampling(train_samples=4, chunk_size=2), column_chunk_size=8)
     mask = frozen_mask(before, rules)
     step = make_train_step(
         contrastive_objective(model, loss, mesh), optimizer, mesh, shardings, mask

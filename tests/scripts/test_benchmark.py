@@ -1,5 +1,6 @@
 """scripts.benchmark: the loss command (one JSON object per loss and HET-XL sample count), the
-step command on a config in epochs with --loss and overrides, and the loop command."""
+step command on a config in epochs with --loss and overrides (and its matmul-peak fraction), the
+loop command, and the head command (rows, parameter counts, the memory fit check)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ def test_step_benchmark_applies_loss_and_overrides_to_a_config_in_epochs(
     # arguments: --loss must still reach it, after them.
     spec = f"configs/demo.py:data_dir={fashion_dir},batch=16"
     argv = ["step", "--config", spec, "--loss", "clip", "--repeats", "1", "--json"]
+    argv += ["--matmul-size", "64"]
     argv += tiny_demo_overrides(hetxl=False) + ["--config.input.batch_size=8"]
     benchmark.main(argv)
     (row,) = json.loads(capsys.readouterr().out)
@@ -79,6 +81,11 @@ def test_step_benchmark_applies_loss_and_overrides_to_a_config_in_epochs(
     assert (row["loss"], row["batch"], row["devices"]) == ("clip", 8, 8)
     assert row["step_ms"] > 0 and row["peak_bytes"] > 0
     assert row["images_per_sec"] == pytest.approx(8 / row["step_ms"] * 1e3, rel=0.01)
+    assert row["step_gflop"] > 0 and row["matmul_peak_gflops"] > 0
+    assert row["step_gflops"] == pytest.approx(row["step_gflop"] / row["step_ms"] * 1e3, rel=2e-3)
+    assert row["peak_fraction"] == pytest.approx(
+        row["step_gflops"] / row["matmul_peak_gflops"], rel=2e-3
+    )
 
 
 def test_step_benchmark_refuses_a_loss_its_config_does_not_read(
@@ -92,3 +99,82 @@ def test_step_benchmark_refuses_a_loss_its_config_does_not_read(
     )
     with pytest.raises(SystemExit, match="--loss clip: .* builds a hetxl loss"):
         benchmark.main(["step", "--config", str(tmp_path / "fixed.py"), "--loss", "clip"])
+
+
+def het_extra_params(dim: int, classes: int, factors: int) -> int:
+    """HET (parameter-efficient) over DET: noise in the K-dim logit space, fixed tau. Two dense
+    layers D -> K (diag scale d(x), factor scale v(x), kernel and bias each), the R x K loadings J
+    and the K-dim shift c."""
+    dense = dim * classes + classes
+    return 2 * dense + factors * classes + classes
+
+
+def hetxl_extra_params(dim: int, factors: int) -> int:
+    """HET-XL over DET: the same noise layers in the D-dim pre-logit space, plus the learned
+    (bounded) temperature's one scalar; nothing depends on K."""
+    dense = dim * dim + dim
+    return 2 * dense + factors * dim + dim + 1
+
+
+def test_head_benchmark_rows_count_extra_parameters_from_the_heads_definitions(capsys):
+    dim, factors = 8, 3
+    benchmark.main(
+        ["head", "--classes", "16,24", "--samples", "2", "--dim", str(dim), "--batch", "16"]
+        + ["--repeats", "1", f"--config.model.noise.num_factors={factors}", "--json"]
+    )
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["head"], row["classes"], row["samples"]) for row in rows] == [
+        ("det", 16, 1),
+        ("het", 16, 2),
+        ("hetxl", 16, 2),
+        ("det", 24, 1),
+        ("het", 24, 2),
+        ("hetxl", 24, 2),
+    ]
+    expected_extra = {
+        "det": lambda classes: 0,
+        "het": lambda classes: het_extra_params(dim, classes, factors),
+        "hetxl": lambda classes: hetxl_extra_params(dim, factors),
+    }
+    for row in rows:
+        assert set(row) == {
+            "head",
+            "classes",
+            "samples",
+            "dim",
+            "batch",
+            "step_ms",
+            "vs_det",
+            "timed_calls",
+            "peak_bytes",
+            "temp_bytes",
+            "extra_params",
+            "reason",
+        }
+        assert (row["dim"], row["batch"], row["reason"], row["timed_calls"]) == (dim, 16, None, 1)
+        assert row["step_ms"] > 0 and row["peak_bytes"] >= row["temp_bytes"] > 0
+        assert row["extra_params"] == expected_extra[row["head"]](row["classes"])
+        det = next(r for r in rows if r["head"] == "det" and r["classes"] == row["classes"])
+        assert row["vs_det"] == pytest.approx(row["step_ms"] / det["step_ms"], rel=1e-2)
+    hetxl_extras = {row["extra_params"] for row in rows if row["head"] == "hetxl"}
+    assert len(hetxl_extras) == 1
+
+
+def test_head_benchmark_marks_a_combination_that_does_not_fit_and_writes_json_to_a_file(
+    tmp_path, capsys
+):
+    out = tmp_path / "rows.json"
+    benchmark.main(
+        ["head", "--classes", "16", "--heads", "det", "--dim", "8", "--batch", "16"]
+        + ["--memory-gib", "1e-9", "--json", str(out)]
+    )
+    (row,) = json.loads(out.read_text())
+    assert row["step_ms"] is None and row["timed_calls"] == 0 and row["peak_bytes"] > 0
+    assert "GiB per device" in row["reason"]
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[:2] == ["head", "classes"] and "reason" in table
+
+
+def test_head_benchmark_refuses_an_unknown_head():
+    with pytest.raises(SystemExit, match="unknown \\['xl'\\]"):
+        benchmark.main(["head", "--heads", "det,xl", "--classes", "16", "--dim", "8"])

@@ -31,6 +31,9 @@ SCRIPTS = (
     "tpu_pod",
     "make_tfrecords",
     "mutation_check",
+    "dirty_data",
+    "chaos",
+    "reproduce",
 )
 # Importing any of these costs seconds (TensorFlow, XLA) or pulls them in.
 HEAVY = ("jax", "tensorflow", "flax", "contrastive", "data", "models")
@@ -116,8 +119,8 @@ def tiny_demo_overrides(hetxl: bool) -> list[str]:
     ]
     overrides += ["--config.model.embed_dim=16", "--config.evals.zeroshot.input.batch_size=8"]
     if hetxl:
-        overrides += ["--config.model.noise.num_factors=2", "--config.loss.num_samples=2"]
-        overrides += ["--config.loss.sample_chunk_size=2"]
+        overrides += ["--config.model.noise.num_factors=2", "--config.sampling.train_samples=2"]
+        overrides += ["--config.sampling.chunk_size=2"]
     return overrides
 
 
@@ -131,7 +134,7 @@ def test_demo_trains_evaluates_and_writes_its_summary(tmp_path, capsys):
     status = demo.main(argv)
 
     saved = json.loads((workdir / "config.json").read_text())
-    assert saved["model"]["image_tower"]["width"] == 32 and saved["loss"]["num_samples"] == 2
+    assert saved["model"]["image_tower"]["width"] == 32 and saved["sampling"]["train_samples"] == 2
     assert saved["total_steps"] == 2 and "total_epochs" not in saved
     rows = read_metrics(str(workdir))
     assert [row["step"] for row in rows] == [1, 2]

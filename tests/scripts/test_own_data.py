@@ -81,7 +81,7 @@ def test_a_broken_config_is_one_line_per_problem_and_exit_status_2(tmp_path):
         "--config",
         "configs/bench_ti.py",
         "--config.model.text_tower.vocab_size=1000",
-        "--config.loss.num_samples=0",
+        "--config.sampling.train_samples=0",
         "--config.optim.lr=-1.0",
     ]
     # As a user runs it: without the test session's TensorFlow log level.
@@ -91,7 +91,7 @@ def test_a_broken_config_is_one_line_per_problem_and_exit_status_2(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert lines[0] == "error: invalid config (3 problems):"
     assert any("vocab_size=1000" in line for line in lines)
-    assert any("num_samples" in line for line in lines)
+    assert any("sampling: train_samples" in line for line in lines)
     assert any("optim.lr" in line for line in lines)
     assert "Traceback" not in done.stderr and len(lines) == 4
     assert not (tmp_path / "run").exists()  # nothing was written

@@ -63,8 +63,8 @@ def get_config(arg=None):
             image_size=28,
             text_length=12,
         ),
-        loss=dict(name=loss, num_samples=4, sample_chunk_size=2, column_chunk_size=8)
-        if loss == "hetxl" else dict(name=loss),
+        loss=dict(name=loss, column_chunk_size=8) if loss == "hetxl" else dict(name=loss),
+        sampling=dict(train_samples=4, eval_samples=4, chunk_size=2),
         optim=dict(name="adamw", lr=1e-3),
         total_steps=2,
         log_every=1,
@@ -241,6 +241,7 @@ def test_usage_errors_are_reported_plainly(files, tmp_path):
 def test_monte_carlo_on_a_deterministic_model_is_a_clear_error(files):
     values = validate_config(load_config(f"{files['config']}:clip"))
     mesh = make_mesh()
-    block = {**values["evals"]["zeroshot"], "mc_samples": 4}
+    block = {**values["evals"]["zeroshot"], "monte_carlo": True}
+    values = {**values, "sampling": {"eval_samples": 4}}
     with pytest.raises(ConfigError, match="need a model with HET-XL image noise"):
         build_evaluator("zeroshot", block, values, build_task(values, mesh).model, mesh)

@@ -1,0 +1,315 @@
+"""`benchmark head`: the train step of a DET, HET or HET-XL classification head alone.
+
+    python -m scripts.benchmark head [--classes 1000,3000,10000,30000] [--samples 1,16,100,1000]
+        [--heads det,het,hetxl] [--dim 256] [--batch 128] [--json [OUT]]
+        [--config.a.b=value ...]
+
+Each head is the one configs/classify.py:head=KIND,classes=K,samples=S builds (its noise block,
+temperature, sampling chunk and AdamW), with --config.a.b=value overrides applied, e.g.
+--config.model.noise.num_factors=50 or --config.sampling.chunk_size=16. It runs on random
+pre-logits f32[B, D] and labels: one step is the project's train step (contrastive/step.py) with
+the head as the whole model, i.e. forward and backward of the MC negative log-likelihood with
+respect to the head's parameters and its input (what would flow into a tower), and the AdamW
+update. DET has no samples: one row per K, samples=1.
+
+Row keys:
+  head, classes, samples, dim, batch;
+  step_ms: median wall time of a step. For each K the heads' steps are timed in alternating
+    rounds (one call of each per round, after a warm-up call each), so DET and the noisy heads
+    see the same load; a head stops once its timed calls pass --budget-s seconds.
+    timed_calls says how many calls the median is over (0: only the warm-up call, which already
+    took longer than --budget-s, is reported);
+  vs_det: step_ms / DET's step_ms at the same K (None without a DET row);
+  peak_bytes: device memory of one step from XLA's compiled memory analysis
+    (contrastive.xla_stats.peak_bytes): arguments (parameters, AdamW moments, batch) + outputs +
+    temporaries - buffers aliased through the donated state; per device;
+  temp_bytes: the temporaries alone, where the MC samples live (flat in S: chunked);
+  extra_params: parameters beyond DET's K*D + K, counted from the initialised head;
+  reason: why a combination was not run, else None: its peak_bytes exceed the memory available
+    to a device (the accelerator's free memory, or for CPU devices the host's available memory
+    shared by them, or --memory-gib) less the states of the combinations of the same K already
+    allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+CLASSIFY_CONFIG = "configs/classify.py"
+GIB = 2**30
+
+
+def int_list(text: str) -> list[int]:
+    """ "1000,3000" -> [1000, 3000] (argparse type)."""
+    try:
+        values = [int(item) for item in text.split(",") if item]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers: {text!r}")
+    return values
+
+
+def head_list(text: str) -> list[str]:
+    """ "det,hetxl" -> ["det", "hetxl"] (argparse type; benchmark_heads checks the names, which
+    are known once the models are imported)."""
+    heads = [item for item in text.split(",") if item]
+    if not heads:
+        raise argparse.ArgumentTypeError(f"expected comma-separated head kinds, got {text!r}")
+    return heads
+
+
+def available_memory_per_device(device) -> int:
+    """Bytes a step on `device` may use: an accelerator's free memory, or for CPU devices the
+    host's available memory (MemAvailable) split between the CPU devices that share it."""
+    import jax
+
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError):  # not Linux: free pages (a lower bound)
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available // max(1, len(jax.local_devices(backend=device.platform)))
+
+
+class HeadStep:
+    """One (head, K, S) combination: its compiled train step, and its state once allocated."""
+
+    def __init__(
+        self,
+        kind: str,
+        classes: int,
+        samples: int,
+        dim: int,
+        batch_size: int,
+        mesh,
+        overrides: Sequence[str] = (),
+    ):
+        import jax
+        import numpy as np
+
+        from contrastive.experiment import classifier_from_config
+        from contrastive.mesh import batch_sharding
+        from contrastive.optim import make_optimizer
+        from contrastive.step import abstract_train_state, make_train_step
+        from models.heteroscedastic import HeteroscedasticHead
+        from scripts.config_loader import load_config
+
+        self.kind, self.classes, self.samples = kind, classes, samples
+        self.dim, self.batch_size, self.mesh = dim, batch_size, mesh
+        spec = f"{CLASSIFY_CONFIG}:head={kind},classes={classes},samples={samples}"
+        values = load_config(spec, overrides).to_dict()
+        # The classifier's own head, built by the one function that builds it for training.
+        classifier = classifier_from_config(values)
+        self.head = HeteroscedasticHead(
+            classifier.num_classes,
+            classifier.head,
+            classifier.likelihood,
+            classifier.noise,
+            classifier.temperature,
+            classifier.sampling,
+        )
+        generator = np.random.default_rng(0)
+        self.batch = jax.device_put(
+            {
+                "pre_logits": generator.normal(size=(batch_size, dim)).astype(np.float32),
+                "label": generator.integers(0, classes, batch_size).astype(np.int32),
+            },
+            batch_sharding(self.mesh),
+        )
+        self.rng = jax.random.key(values.get("seed", 0))
+        param_shapes = jax.eval_shape(self.init_params, self.rng)
+        self.optimizer, _ = make_optimizer(values["optim"], values["total_steps"], param_shapes)
+        total = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(param_shapes))
+        self.extra_params = total - (classes * dim + classes)
+        abstract_state, self.shardings = abstract_train_state(
+            self.init_params, self.optimizer, self.rng, self.mesh
+        )
+        step = make_train_step(
+            None, self.optimizer, self.mesh, self.shardings, value_and_grad=self.value_and_grad
+        )
+        self.compiled = step.lower(abstract_state, self.batch).compile()
+        self.state = None
+        self.times_ms: list[float] = []
+        self.warm_up_ms: float | None = None
+
+    def init_params(self, key):
+        import jax
+
+        params_key, noise_key = jax.random.split(key)
+        batch = self.batch
+        return self.head.init(
+            {"params": params_key, "noise": noise_key},
+            batch["pre_logits"][:1],
+            batch["label"][:1],
+            train=True,
+        )["params"]
+
+    def value_and_grad(self, params, batch, rng):
+        """((loss, metrics), parameter gradients); the input's gradient is computed as a tower
+        below the head would need it, and its norm reported so that XLA keeps it."""
+        import jax
+        import jax.numpy as jnp
+
+        def loss(params, pre_logits):
+            log_lik = self.head.apply(
+                {"params": params}, pre_logits, batch["label"], train=True, rngs={"noise": rng}
+            )
+            return -jnp.mean(log_lik)
+
+        value, (param_grads, input_grads) = jax.value_and_grad(loss, argnums=(0, 1))(
+            params, batch["pre_logits"]
+        )
+        return (value, {"pre_logit_grad_norm": jnp.linalg.norm(input_grads)}), param_grads
+
+    def allocate(self) -> None:
+        from contrastive.step import init_train_state
+
+        self.state, _ = init_train_state(self.init_params, self.optimizer, self.rng, self.mesh)
+
+    def call_ms(self) -> float:
+        import jax
+
+        start = time.perf_counter()
+        self.state, metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready(metrics)
+        return (time.perf_counter() - start) * 1e3
+
+    def peak_bytes(self) -> int:
+        from contrastive.xla_stats import peak_bytes
+
+        return peak_bytes(self.compiled)
+
+    def state_bytes(self) -> int:
+        """What the allocated state and batch hold between steps."""
+        return int(self.compiled.memory_analysis().argument_size_in_bytes)
+
+    def release(self) -> None:
+        """Frees the state and the executable (the next K's steps need the memory)."""
+        self.state = None
+        self.compiled = None
+
+    def row(self, reason: str | None) -> dict[str, Any]:
+        stats = self.compiled.memory_analysis()
+        if self.times_ms:
+            step_ms = round(statistics.median(self.times_ms), 3)
+        else:
+            step_ms = None if self.warm_up_ms is None else round(self.warm_up_ms, 3)
+        return dict(
+            head=self.kind,
+            classes=self.classes,
+            samples=self.samples,
+            dim=self.dim,
+            batch=self.batch_size,
+            step_ms=step_ms,
+            vs_det=None,
+            timed_calls=len(self.times_ms),
+            peak_bytes=self.peak_bytes(),
+            temp_bytes=int(stats.temp_size_in_bytes),
+            extra_params=int(self.extra_params),
+            reason=reason,
+        )
+
+
+def time_alternating(steps: list[HeadStep], repeats: int, budget_s: float) -> None:
+    """A warm-up call of each step, then rounds of one call each, until every step has
+    `repeats` timed calls or has spent budget_s seconds in them."""
+    for step in steps:
+        step.warm_up_ms = step.call_ms()
+    running = [step for step in steps if step.warm_up_ms <= budget_s * 1e3]
+    for _ in range(repeats):
+        for step in running:
+            step.times_ms.append(step.call_ms())
+        running = [step for step in running if sum(step.times_ms) < budget_s * 1e3]
+        if not running:
+            break
+
+
+def benchmark_heads(args, overrides: Sequence[str] = ()) -> list[dict]:
+    """One row per (head, K, S); see the module docstring."""
+    from contrastive.mesh import make_mesh
+    from models.heteroscedastic import HEAD_KINDS
+
+    unknown = [head for head in args.heads if head not in HEAD_KINDS]
+    if unknown:
+        raise SystemExit(f"--heads: unknown {unknown}; known: {list(HEAD_KINDS)}")
+    mesh = make_mesh()
+    if args.batch % mesh.size:
+        raise SystemExit(f"--batch {args.batch} must be a multiple of the {mesh.size} devices")
+    if args.memory_gib is not None:
+        memory = int(args.memory_gib * GIB)
+    else:
+        memory = available_memory_per_device(mesh.devices.flat[0])
+    rows = []
+    for classes in args.classes:
+        start = time.perf_counter()
+        steps = [
+            HeadStep(kind, classes, samples, args.dim, args.batch, mesh, overrides)
+            for kind in args.heads
+            for samples in ([1] if kind == "det" else args.samples)
+        ]
+        # The states of one K's steps are all allocated at once (their timings alternate).
+        fits, reasons, remaining = [], {}, memory
+        for step in steps:
+            if step.peak_bytes() > remaining:
+                reasons[step] = (
+                    f"needs {step.peak_bytes() / GIB:.2f} GiB per device, "
+                    f"{remaining / GIB:.2f} GiB available"
+                )
+                continue
+            step.allocate()
+            fits.append(step)
+            remaining -= step.state_bytes()
+        time_alternating(fits, args.repeats, args.budget_s)
+        rows_of_k = []
+        for step in steps:
+            rows_of_k.append(step.row(reasons.get(step)))
+            step.release()
+        det_ms = next((row["step_ms"] for row in rows_of_k if row["head"] == "det"), None)
+        for row in rows_of_k:
+            if det_ms and row["step_ms"] is not None:
+                row["vs_det"] = round(row["step_ms"] / det_ms, 3)
+        rows += rows_of_k
+        print(  # progress: a full table takes many minutes on a CPU
+            f"K={classes:,}: {len(fits)} of {len(steps)} combinations timed "
+            f"in {time.perf_counter() - start:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
+
+
+def format_head_table(rows: list[dict]) -> str:
+    """A fixed-width table of the rows, memory in MiB; the reason column only when needed."""
+    columns = [
+        ("head", 6, lambda row: row["head"]),
+        ("classes", 8, lambda row: f"{row['classes']:,}"),
+        ("S", 5, lambda row: str(row["samples"])),
+        ("step ms", 10, lambda row: _number(row["step_ms"], ".1f")),
+        ("vs DET", 7, lambda row: _number(row["vs_det"], ".2f")),
+        ("calls", 5, lambda row: str(row["timed_calls"])),
+        ("peak MiB", 9, lambda row: f"{row['peak_bytes'] / 2**20:.1f}"),
+        ("temp MiB", 9, lambda row: f"{row['temp_bytes'] / 2**20:.1f}"),
+        ("extra params", 13, lambda row: f"{row['extra_params']:,}"),
+    ]
+    if any(row["reason"] for row in rows):
+        columns.append(("reason", 0, lambda row: row["reason"] or ""))
+    lines = ["  ".join(f"{name:>{width}}" for name, width, _ in columns).rstrip()]
+    for row in rows:
+        lines.append("  ".join(f"{cell(row):>{width}}" for _, width, cell in columns).rstrip())
+    return "\n".join(lines)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
