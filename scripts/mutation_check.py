@@ -387,17 +387,17 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # ---------------------------------------------------------------- optimizer schedule
     Mutation(
-        "cosine_schedule_sign_flipped",
+        "cosine_schedule_end_value_inverted",
         "contrastive/optim.py",
-        "shape = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))",
-        "shape = 0.5 * (1.0 - jnp.cos(jnp.pi * progress))",
+        'peak, decay_steps, alpha=resolved["end_lr_fraction"]',
+        'peak, decay_steps, alpha=1.0 - resolved["end_lr_fraction"]',
         (f"{OPTIM}::test_cosine_schedule_with_warmup_and_end_value",),
     ),
     Mutation(
         "warmup_starts_one_step_ahead",
         "contrastive/optim.py",
-        "lr = jnp.where(step < warmup, peak * step / warmup, lr)",
-        "lr = jnp.where(step < warmup, peak * (step + 1) / warmup, lr)",
+        "[optax.linear_schedule(0.0, peak, warmup), after_warmup], [warmup]",
+        "[optax.linear_schedule(peak / warmup, peak, warmup), after_warmup], [warmup]",
         (f"{OPTIM}::test_cosine_schedule_with_warmup_and_end_value",),
     ),
     Mutation(
