@@ -21,6 +21,10 @@ from clu import metric_writers
 from contrastive import storage
 
 METRICS_FILE = "metrics.jsonl"
+# While a resumed run rewrites metrics.jsonl (removed, then written again through one handle),
+# the rows it keeps also sit in this file, written atomically first and removed once the rewrite
+# is flushed: a run killed in between loses no history.
+REWRITE_FILE = "metrics_rewrite.jsonl"  # not "metrics.jsonl.*": ram:// matches prefixes
 
 
 def _scalar(value) -> float | int:
@@ -32,7 +36,18 @@ def _scalar(value) -> float | int:
 
 def read_metrics(workdir: str) -> list[dict]:
     """All objects of workdir/metrics.jsonl, in order; an unreadable last line is dropped."""
-    path = storage.join(workdir, METRICS_FILE)
+    rows = _read_rows(storage.join(workdir, METRICS_FILE))
+    rewrite = storage.join(workdir, REWRITE_FILE)
+    if not storage.exists(rewrite):
+        return rows
+    # Interrupted (or, on an object store, still running) rewrite: the kept rows come from the
+    # copy, the rows logged since from the file itself.
+    kept = _read_rows(rewrite)
+    last_kept = kept[-1]["step"] if kept else -1
+    return kept + [row for row in rows if row["step"] > last_kept]
+
+
+def _read_rows(path: str) -> list[dict]:
     if not storage.exists(path):
         return []
     lines = [line for line in storage.read_text(path).splitlines() if line.strip()]
@@ -58,15 +73,24 @@ class MetricLogger:
         self.path = storage.join(workdir, METRICS_FILE)
         self.writer = None
         self.file = None
+        self.rewrite = None
         self.rows: list[dict] = []
         if not self.primary:
             return
         kept = [row for row in read_metrics(workdir) if row["step"] <= resume_step]
+        text = "".join(json.dumps(row) + "\n" for row in kept)
+        rewrite = storage.join(workdir, REWRITE_FILE)
+        storage.write_text(rewrite, text)
         # One handle for the whole run: object stores cannot append to a closed object.
         self.file = storage.open_for_writing(self.path)
-        self.file.write("".join(json.dumps(row) + "\n" for row in kept))
+        self.file.write(text)
         self.rows = kept
         self.file.flush()
+        # A local file holds what was flushed; an object store publishes it only when the handle
+        # closes, so there the copy stays until close().
+        self.rewrite = rewrite if storage.is_remote(rewrite) else None
+        if self.rewrite is None:
+            storage.remove(rewrite)
         # Built by hand rather than with create_default_writer, which passes the folder through
         # etils.epath (no ram:// there); TF's summary writer itself takes any gfile URL.
         self.writer = metric_writers.AsyncMultiWriter(
@@ -91,6 +115,9 @@ class MetricLogger:
         if self.file is not None:
             self.file.close()
             self.file = None
+        if self.rewrite is not None:
+            storage.remove(self.rewrite)
+            self.rewrite = None
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

@@ -44,6 +44,12 @@ def makedirs(path: str) -> None:
     tf.io.gfile.makedirs(str(path))
 
 
+def remove(path: str) -> None:
+    """Deletes a file if it exists."""
+    if tf.io.gfile.exists(str(path)):
+        tf.io.gfile.remove(str(path))
+
+
 def read_text(path: str) -> str:
     with tf.io.gfile.GFile(str(path), "r") as f:
         return f.read()

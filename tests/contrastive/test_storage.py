@@ -53,6 +53,26 @@ def test_metrics_file_grows_on_a_url_and_drops_a_torn_last_line():
     assert read_metrics(workdir) == [{"step": 1, "loss": 2.0}]
 
 
+def test_a_resume_killed_while_rewriting_the_metrics_keeps_their_history(tmp_path):
+    rows = [{"step": step, "loss": 1.0 / step} for step in (1, 2, 3, 4)]
+    storage.write_text(
+        str(tmp_path / "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in rows)
+    )
+    MetricLogger(str(tmp_path), resume_step=2, primary=True).close()
+    assert read_metrics(str(tmp_path)) == rows[:2]
+    assert not (tmp_path / "metrics_rewrite.jsonl").exists()
+    # Killed after the old file was removed and before the kept rows were flushed again: the
+    # rewrite copy still holds them.
+    storage.write_text(str(tmp_path / "metrics_rewrite.jsonl"), json.dumps(rows[0]) + "\n")
+    (tmp_path / "metrics.jsonl").write_text('{"st')
+    assert read_metrics(str(tmp_path)) == rows[:1]
+    # Rows logged after the rewrite completed are read from the file itself.
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in [rows[0], rows[2]])
+    )
+    assert read_metrics(str(tmp_path)) == [rows[0], rows[2]]
+
+
 def test_checkpoints_refuse_a_scheme_orbax_cannot_write():
     with pytest.raises(ValueError, match="checkpoint.directory"):
         Checkpointer("ram://bucket/run/checkpoints")
