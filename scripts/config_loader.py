@@ -114,6 +114,7 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     # parsing their flags (scripts/terminal.py).
     from contrastive.config_schema import DURATIONS, TOP_LEVEL
     from data.config import ConfigError
+    from models.heteroscedastic.sampling import MOVED_KEYS
 
     key, sep, text = override.partition("=")
     if not sep or not key:
@@ -135,7 +136,9 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
             config[key] = parse_value(text)
         return
     if leaf not in node:
-        raise ConfigError(f"override {override!r}: config has no {key}")
+        moved = MOVED_KEYS.get(tuple(key.split(".")))
+        where = f"; it has moved to {moved}" if moved else ""
+        raise ConfigError(f"override {override!r}: config has no {key}{where}")
     value = parse_value(text)
     current = node[leaf]
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):

@@ -136,3 +136,12 @@ def test_an_optional_top_level_setting_the_config_leaves_out_can_be_added(path):
     assert config.init_from == "runs/first" and config.accum_steps == 2
     with pytest.raises(ConfigError, match="config has no init_form"):
         load_config(path, ["init_form=runs/first"])
+
+
+def test_an_override_of_a_sampling_key_that_moved_names_its_new_place():
+    demo = str(REPO / "configs" / "demo.py")
+    with pytest.raises(ConfigError, match="model.noise.train_samples; it has moved to sampling"):
+        load_config(demo, ["model.noise.train_samples=999"])
+    with pytest.raises(ConfigError, match="loss.num_samples; it has moved to sampling.train_"):
+        load_config(demo, ["loss.num_samples=4"])
+    assert load_config(demo, ["sampling.train_samples=4"]).sampling.train_samples == 4
