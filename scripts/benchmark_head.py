@@ -34,13 +34,14 @@ Row keys:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from scripts import model_summary
 
 CLASSIFY_CONFIG = "configs/classify.py"
 GIB = 2**30
@@ -131,7 +132,7 @@ class HeadStep:
         self.rng = jax.random.key(values.get("seed", 0))
         param_shapes = jax.eval_shape(self.init_params, self.rng)
         self.optimizer, _ = make_optimizer(values["optim"], values["total_steps"], param_shapes)
-        total = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(param_shapes))
+        total = model_summary.count(param_shapes)
         self.extra_params = total - (classes * dim + classes)
         abstract_state, self.shardings = abstract_train_state(
             self.init_params, self.optimizer, self.rng, self.mesh

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from scripts import terminal
+from scripts.terminal import positive_int
 
 # Each fault and the reason the pipeline is documented to give it (data/records.py).
 FAULTS = {
@@ -83,13 +84,6 @@ TARGET_RATE = "good_per_cpu_s"
 WARM_UP_BATCHES = 5
 NOUNS = ("dog", "bicycle", "mountain lake", "café terrace", "red kite", "street market")
 ADJECTIVES = ("small", "bright", "blurry", "old", "crowded", "quiet")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -393,7 +387,7 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--records", type=_positive, default=100_000, help="records per set")
+    parser.add_argument("--records", type=positive_int, default=100_000, help="records per set")
     parser.add_argument(
         "--bad_fraction", type=_fraction, default=0.01, help="share of records with each fault"
     )
@@ -407,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         help="training config whose input block reads the sets; the script adds files=GLOB to "
         "its argument",
     )
-    parser.add_argument("--repeats", type=_positive, default=3, help="alternating rounds")
-    parser.add_argument("--shards", type=_positive, default=8, help="TFRecord files per set")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="alternating rounds")
+    parser.add_argument("--shards", type=positive_int, default=8, help="TFRecord files per set")
     parser.add_argument("--seed", type=int, default=0)
     terminal.add_verbose_flag(parser)
     args = parser.parse_args(argv)

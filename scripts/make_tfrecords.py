@@ -39,16 +39,10 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 from scripts import terminal
+from scripts.terminal import positive_int
 
 if TYPE_CHECKING:  # the module imports TensorFlow, which must wait until after parsing
     from data.convert import ConversionReport
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _quality(text: str) -> int:
@@ -69,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", required=True, nargs="+", help="manifest(s), folder(s) or tar shards"
     )
     parser.add_argument("--output", required=True, help="output prefix, e.g. out/pairs")
-    parser.add_argument("--num_shards", type=_positive, default=1)
+    parser.add_argument("--num_shards", type=positive_int, default=1)
     parser.add_argument(
         "--format",
         choices=["csv", "tsv", "jsonl", "folder", "webdataset"],
@@ -81,21 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max_side",
-        type=_positive,
+        type=positive_int,
         help="resize images whose longer side exceeds this (aspect kept) and store them as "
         "JPEG; smaller images are stored byte for byte",
     )
     parser.add_argument("--jpeg_quality", type=_quality, default=95, help="for re-encoded images")
     parser.add_argument(
         "--workers",
-        type=_positive,
+        type=positive_int,
         default=min(8, os.cpu_count() or 1),
         help="threads reading and checking images (default: CPU cores, at most 8)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     parser.add_argument(
         "--progress_every",
-        type=_positive,
+        type=positive_int,
         default=10_000,
         help="rows between progress lines when stderr is not a terminal",
     )

@@ -21,6 +21,7 @@ from scripts.config_loader import add_config_flag, load_config, parse_args_with_
 
 
 def count(tree) -> int:
+    """Number of scalars in a tree of arrays or of their shapes (jax.ShapeDtypeStruct)."""
     import jax
 
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import TYPE_CHECKING
+
+from scripts.terminal import positive_int
 
 # jax and the models are imported where used: --help stays fast. This script never loads
 # TensorFlow, so it has none of its start-up logs to silence.
@@ -25,11 +26,13 @@ def count_head_parameters(head: HeteroscedasticHead, dim: int) -> int:
     import jax
     import jax.numpy as jnp
 
+    from scripts import model_summary
+
     key = jax.random.key(0)
     shapes = jax.eval_shape(
         lambda: head.init({"params": key, "noise": key}, jnp.zeros((1, dim)))["params"]
     )
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+    return model_summary.count(shapes)
 
 
 def parameter_rows(
@@ -84,13 +87,6 @@ def format_table(rows: list[dict]) -> str:
             f"{row['hetxl_extra_params']:>14,} {row['ratio']:>9.2f}"
         )
     return "\n".join(lines)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -105,17 +105,15 @@ def run_once(spec: str, overrides: list[str], run_dir: Path, steps: int, claim: 
 
 def count_parameters(spec: str, overrides: list[str]) -> int:
     """Parameters of the model a config builds (shapes only, nothing allocated)."""
-    import math
-
     import jax
 
     from contrastive.experiment import build_model
     from contrastive.validation import validate_config
+    from scripts import model_summary
     from scripts.config_loader import load_config
 
     _, init = build_model(validate_config(load_config(spec, overrides)))
-    shapes = jax.eval_shape(init, jax.random.key(0))
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+    return model_summary.count(jax.eval_shape(init, jax.random.key(0)))
 
 
 def extra_parameters(arms, overrides: list[str]) -> dict[str, dict[str, int]]:

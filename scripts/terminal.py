@@ -24,6 +24,14 @@ import sys
 from collections.abc import Callable
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-v",
