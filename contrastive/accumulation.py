@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from contrastive.freezing import stop_frozen_gradients
 from contrastive.losses.sharding import batch_spec
 from contrastive.mesh import BATCH_AXES
 from contrastive.objectives import contrastive_objective
@@ -82,17 +83,6 @@ def merge_microbatches(stacked: Any) -> Any:
 def _merge_leaf(leaf: jax.Array) -> jax.Array:
     accum_steps, rows = leaf.shape[:2]
     return jnp.swapaxes(leaf, 0, 1).reshape(rows * accum_steps, *leaf.shape[2:])
-
-
-def _stop_frozen(params: Any, frozen: Any) -> Any:
-    """Params with the gradient of frozen leaves stopped, so no backward pass runs through them."""
-    if frozen is None:
-        return params
-    return jax.tree.map(
-        lambda leaf, is_frozen: jax.lax.stop_gradient(leaf) if is_frozen else leaf,
-        params,
-        frozen,
-    )
 
 
 def accumulated_contrastive_value_and_grad(
@@ -192,9 +182,10 @@ def accumulated_contrastive_value_and_grad(
 
         # Pass 2: recompute each microbatch's forward under vjp and pull back its cotangents.
         def accumulate(grads, index):
-            _, pullback = jax.vjp(
-                lambda p: forward(_stop_frozen(p, frozen), inputs, dropout_rng, index), params
-            )
+            def microbatch_forward(p):
+                return forward(stop_frozen_gradients(p, frozen), inputs, dropout_rng, index)
+
+            _, pullback = jax.vjp(microbatch_forward, params)
             (microbatch_grads,) = pullback(microbatch_cotangents(output_grads, index))
             return jax.tree.map(
                 lambda total, g: total + g.astype(total.dtype), grads, microbatch_grads

@@ -64,6 +64,18 @@ def frozen_mask(params: Any, rules: Sequence[str]) -> Any:
     return jax.tree.map(lambda label: label == FROZEN, frozen_labels(params, rules))
 
 
+def stop_frozen_gradients(params: Any, frozen: Any) -> Any:
+    """Params with the gradient of frozen leaves stopped (frozen: a frozen_mask, or None for
+    none), so no backward pass runs through a locked tower."""
+    if frozen is None:
+        return params
+    return jax.tree.map(
+        lambda leaf, is_frozen: jax.lax.stop_gradient(leaf) if is_frozen else leaf,
+        params,
+        frozen,
+    )
+
+
 def freeze(
     optimizer: optax.GradientTransformation, rules: Sequence[str]
 ) -> optax.GradientTransformation:

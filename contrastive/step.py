@@ -17,6 +17,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from contrastive.freezing import stop_frozen_gradients
 from contrastive.mesh import batch_sharding, replicated, state_shardings
 from contrastive.objectives import Objective
 
@@ -124,20 +125,13 @@ def make_train_step(
     uint8 images (4x fewer bytes from host to device) into float32 on the device.
     """
 
-    def trainable_view(params):
-        if frozen is None:
-            return params
-        return jax.tree.map(
-            lambda p, is_frozen: jax.lax.stop_gradient(p) if is_frozen else p, params, frozen
-        )
-
     def step(state: TrainState, batch: dict):
         if prepare_batch is not None:
             batch = prepare_batch(batch)
         rng = jax.random.fold_in(state.rng, state.step)
         if value_and_grad is None:
             (loss, metrics), grads = jax.value_and_grad(
-                lambda params: objective(trainable_view(params), batch, rng), has_aux=True
+                lambda p: objective(stop_frozen_gradients(p, frozen), batch, rng), has_aux=True
             )(state.params)
         else:
             (loss, metrics), grads = value_and_grad(state.params, batch, rng)
