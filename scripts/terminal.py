@@ -91,6 +91,11 @@ def _stderr_to_devnull():
         os.close(devnull)
 
 
+# Failures that are not bugs, by exception class name (contrastive.checkpoint's errors are named,
+# not imported: importing them here would load orbax), and their exit status.
+QUIET_FAILURES = {"FloatingPointError": 3, "DamagedCheckpoint": 4, "CheckpointWriteError": 5}
+
+
 def run(main: Callable[[], int | None]) -> int:
     """Runs an entry point's main as a program and returns its exit status.
 
@@ -120,16 +125,12 @@ def run(main: Callable[[], int | None]) -> int:
             for line in lines:
                 print(f"  {line}", file=sys.stderr)
             return 2
-        if isinstance(error, FloatingPointError):
-            print(f"error: {error}", file=sys.stderr)
-            return 3
-        if type(error).__name__ == "DamagedCheckpoint":  # contrastive.checkpoint's, by name:
-            print(f"error: {error}", file=sys.stderr)  # importing it here would load orbax
-            return 4
-        if type(error).__name__ == "CheckpointWriteError":
-            print(f"error: {error}", file=sys.stderr)
-            return 5
-        raise
+        names = [kind.__name__ for kind in type(error).__mro__]
+        status = next((QUIET_FAILURES[name] for name in names if name in QUIET_FAILURES), None)
+        if status is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return status
 
 
 def _without_closed_loop_reports(hook: Callable) -> Callable:
