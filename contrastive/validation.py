@@ -81,7 +81,7 @@ def _check_sampling(values: dict, problems: Problems) -> None:
     so that the blocks they sit in are not reported again for them)."""
     problems.extend(pop_moved_keys(values))
     sampling = values.get("sampling")
-    if sampling is None or not isinstance(sampling, Mapping):
+    if not isinstance(sampling, Mapping):  # absent: the defaults; not a mapping: reported
         return
     known = [field.name for field in dataclasses.fields(Sampling)]
     unknown = sorted(set(sampling) - set(known))
