@@ -30,6 +30,10 @@ and restorable; the unfinished `<step>.orbax-checkpoint-tmp` is removed by the n
 Typed PRNG keys (`jax.random.key`) are saved and restored by orbax as they are; no unwrapping is
 needed.
 
+The input-state item is contrastive/checkpoint_input_state.py, the two errors and the checks of
+what a restore read are contrastive/checkpoint_failures.py, and PreemptionGuard (the signal
+flag below) is contrastive/preemption.py.
+
 A trainer uses it as
 
     checkpointer = Checkpointer(workdir / "checkpoints", keep=3)
@@ -46,16 +50,8 @@ A trainer uses it as
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import errno
-import io
 import json
 import logging
-import os
-import re
-import signal
-import threading
-from types import FrameType
 from typing import Any
 
 import jax
@@ -64,7 +60,15 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from contrastive import storage
-from contrastive.integrity import array_checksums, bytes_checksum, differing, nonfinite_arrays
+from contrastive.checkpoint_failures import (
+    CheckpointWriteError,
+    DamagedCheckpoint,
+    first_line,
+    verify,
+    write_failure_cause,
+)
+from contrastive.checkpoint_input_state import InputStateHandler, InputStateRestore, InputStateSave
+from contrastive.integrity import array_checksums
 from contrastive.storage import CHECKPOINT_SCHEMES
 
 logger = logging.getLogger(__name__)
@@ -72,145 +76,6 @@ logger = logging.getLogger(__name__)
 STATE_ITEM = "state"
 INPUT_STATE_ITEM = "input_state"
 METADATA_ITEM = "metadata"
-
-
-def _input_state_filename(process_index: int, process_count: int) -> str:
-    return f"process_{process_index}-of-{process_count}.npy"
-
-
-class DamagedCheckpoint(Exception):
-    """A checkpoint that cannot be read or does not match what was written."""
-
-    def __init__(self, step: int, reason: str):
-        self.step, self.reason = step, reason
-        super().__init__(f"checkpoint {step} is damaged: {reason}")
-
-
-class CheckpointWriteError(Exception):
-    """A save that failed; the checkpoints finalized before it are untouched."""
-
-    def __init__(self, step: int, directory: str, cause: str, intact: int | None):
-        self.step, self.directory, self.cause, self.intact = step, directory, cause, intact
-        kept = (
-            "no earlier checkpoint could be listed there"
-            if intact is None
-            else f"the latest intact one is checkpoint {intact}"
-        )
-        super().__init__(
-            f"saving checkpoint {step} to {directory} failed: {cause}; {kept}. Free space or "
-            "restore write access there, then rerun the same command to resume"
-        )
-
-
-# Tensorstore (which writes the arrays) reports an operating-system error inside its message:
-# ... local file "PATH": ... File too large [os_error_code='27']
-_TENSORSTORE_OS_ERROR = re.compile(r"os_error_code=\W?(\d+)")
-_TENSORSTORE_FILE = re.compile(r'local file "([^"]+)"')
-
-
-def _write_failure_cause(error: BaseException) -> str:
-    """The operating system's reason (e.g. "No space left on device [ENOSPC] (path)") when the
-    error chain carries one, else the error's first line."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno is not None:
-            return _os_reason(seen.errno, seen.filename)
-        code = _TENSORSTORE_OS_ERROR.search(str(seen))
-        if code:
-            path = _TENSORSTORE_FILE.search(str(seen))
-            return _os_reason(int(code.group(1)), path.group(1) if path else None)
-        seen = seen.__cause__ or seen.__context__
-    return _first_line(error)
-
-
-def _os_reason(number: int, filename: str | None) -> str:
-    name = errno.errorcode.get(number, f"errno {number}")
-    return f"{os.strerror(number)} [{name}]" + (f" ({filename})" if filename else "")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
-
-
-@dataclasses.dataclass
-class _InputStateSave(ocp.args.CheckpointArgs):
-    """This process's input position, or None when the trainer keeps none."""
-
-    array: np.ndarray | None
-
-
-@dataclasses.dataclass
-class _InputStateRestore(ocp.args.CheckpointArgs):
-    """Nothing to choose: each process reads its own file."""
-
-
-class _InputStateHandler(ocp.CheckpointHandler):
-    """Every process writes and reads only its own file of the `input_state` item.
-
-    Orbax's built-in handlers write either sharded arrays or one file from the primary process;
-    an input position is neither (each process has its own, of its own size). The write is
-    synchronous and small, so it is done before `save()` returns and the caller may reuse the
-    array afterwards. The process count is part of the file name; a run resumed on a different
-    number of processes gets process 0's position, which the input pipeline accepts only where
-    the position means the same in both layouts.
-    """
-
-    def __init__(self, process_index: int, process_count: int):
-        self._filename = _input_state_filename(process_index, process_count)
-
-    def save(self, directory: epath.Path, args: _InputStateSave) -> None:
-        if args.array is None:
-            return
-        buffer = io.BytesIO()
-        np.save(buffer, args.array, allow_pickle=False)
-        data = buffer.getvalue()
-        (directory / self._filename).write_bytes(data)
-        (directory / f"{self._filename}.crc32").write_text(str(bytes_checksum(data)))
-
-    def restore(
-        self, directory: epath.Path, args: _InputStateRestore | None = None
-    ) -> np.ndarray | None:
-        path = directory / self._filename
-        if path.exists():
-            return _load_checked(path)
-        others = sorted(p.name for p in directory.iterdir() if p.name.endswith(".npy"))
-        first = [name for name in others if name.startswith("process_0-of-")]
-        if first:
-            # Saved by another number of processes: the pipeline decides whether a position
-            # from that layout carries over (it does when every process reads one global
-            # order, see data/pipeline.py) and says why not otherwise.
-            logger.info(
-                "checkpoint %s has input states %s, none named %s; passing %s to the pipeline",
-                directory.parent,
-                others,
-                self._filename,
-                first[0],
-            )
-            return _load_checked(directory / first[0])
-        return None
-
-
-def _load_checked(path: epath.Path) -> np.ndarray:
-    data = path.read_bytes()
-    crc_path = path.parent / f"{path.name}.crc32"
-    if crc_path.exists() and int(crc_path.read_text()) != bytes_checksum(data):
-        raise ValueError(f"input state {path.name} does not match the CRC written with it")
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def _verify(step: int, recorded: dict, actual: dict, params: Any) -> None:
-    """Raises DamagedCheckpoint unless the arrays match their checksums and params are finite."""
-    bad = differing(recorded, actual)
-    if bad:
-        raise DamagedCheckpoint(
-            step, f"{len(bad)} array(s) differ from the checksums written with them, e.g. {bad[0]}"
-        )
-    nonfinite = nonfinite_arrays(params)
-    if nonfinite:
-        raise DamagedCheckpoint(
-            step, f"non-finite parameters in {len(nonfinite)} array(s), e.g. {nonfinite[0]}"
-        )
 
 
 def _abstract_leaf(path: Any, leaf: Any) -> jax.ShapeDtypeStruct:
@@ -261,13 +126,13 @@ class Checkpointer:
             raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
 
         state_handler = ocp.StandardCheckpointHandler()
-        input_handler = _InputStateHandler(process_index, process_count)
+        input_handler = InputStateHandler(process_index, process_count)
         metadata_handler = ocp.JsonCheckpointHandler()
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         registry.add(STATE_ITEM, ocp.args.StandardSave, state_handler)
         registry.add(STATE_ITEM, ocp.args.StandardRestore, state_handler)
-        registry.add(INPUT_STATE_ITEM, _InputStateSave, input_handler)
-        registry.add(INPUT_STATE_ITEM, _InputStateRestore, input_handler)
+        registry.add(INPUT_STATE_ITEM, InputStateSave, input_handler)
+        registry.add(INPUT_STATE_ITEM, InputStateRestore, input_handler)
         registry.add(METADATA_ITEM, ocp.args.JsonSave, metadata_handler)
         registry.add(METADATA_ITEM, ocp.args.JsonRestore, metadata_handler)
         options = ocp.CheckpointManagerOptions(
@@ -327,7 +192,7 @@ class Checkpointer:
         args = ocp.args.Composite(
             **{
                 STATE_ITEM: ocp.args.StandardSave(state),
-                INPUT_STATE_ITEM: _InputStateSave(input_state),
+                INPUT_STATE_ITEM: InputStateSave(input_state),
                 METADATA_ITEM: ocp.args.JsonSave(metadata_snapshot),
             }
         )
@@ -363,16 +228,16 @@ class Checkpointer:
                 args=ocp.args.Composite(
                     **{
                         STATE_ITEM: ocp.args.StandardRestore(target),
-                        INPUT_STATE_ITEM: _InputStateRestore(),
+                        INPUT_STATE_ITEM: InputStateRestore(),
                         METADATA_ITEM: ocp.args.JsonRestore(),
                     }
                 ),
             )
             state, metadata = restored[STATE_ITEM], dict(restored[METADATA_ITEM])
         except Exception as error:  # noqa: BLE001 - whatever orbax hit reading it
-            raise DamagedCheckpoint(step, _first_line(error)) from error
+            raise DamagedCheckpoint(step, first_line(error)) from error
         recorded = (metadata.pop("integrity", None) or {}).get("state") or {}
-        _verify(step, recorded, array_checksums(state), getattr(state, "params", state))
+        verify(step, recorded, array_checksums(state), getattr(state, "params", state))
         return state, restored[INPUT_STATE_ITEM], metadata
 
     def restore_latest_intact(
@@ -435,12 +300,12 @@ class Checkpointer:
                 step, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()})
             )[METADATA_ITEM]
         except Exception as error:  # noqa: BLE001
-            raise DamagedCheckpoint(step, _first_line(error)) from error
+            raise DamagedCheckpoint(step, first_line(error)) from error
         params = restored["params"]
         recorded = (metadata.get("integrity") or {}).get("state") or {}
         # The state's paths start with ".params" (a TrainState attribute).
         actual = {f".params{path}": value for path, value in array_checksums(params).items()}
-        _verify(step, recorded, actual, params)
+        verify(step, recorded, actual, params)
         return params
 
     def _require_finalized(self, step: int) -> None:
@@ -480,7 +345,7 @@ class Checkpointer:
             except OSError:  # the directory itself is no longer readable
                 intact = None
             raise CheckpointWriteError(
-                step, str(self.directory), _write_failure_cause(error), intact
+                step, str(self.directory), write_failure_cause(error), intact
             ) from error
 
     def __enter__(self) -> Checkpointer:
@@ -488,43 +353,3 @@ class Checkpointer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-class PreemptionGuard:
-    """Turns SIGTERM (and, with catch_sigint, Ctrl-C) into a flag the train loop polls.
-
-    Cluster schedulers send SIGTERM some seconds before killing a job. The handler only sets a
-    flag, because a signal handler runs between two bytecodes of the main thread, possibly in
-    the middle of a train step or a save; the loop checks `requested` after each step, saves and
-    stops. On exit the previous handlers are restored. Must be entered in the main thread.
-
-    With several processes the signal may reach them at different steps while `save` is
-    collective: combine the flags across processes first (e.g. with
-    jax.experimental.multihost_utils.process_allgather) and act on their any().
-    """
-
-    def __init__(self, catch_sigint: bool = False):
-        self._signals = (signal.SIGTERM, signal.SIGINT) if catch_sigint else (signal.SIGTERM,)
-        self._previous: dict[int, Any] = {}
-        self._event = threading.Event()
-        self.signal_number: int | None = None
-
-    @property
-    def requested(self) -> bool:
-        """True once one of the signals arrived inside the context."""
-        return self._event.is_set()
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signal_number = signum
-        self._event.set()
-
-    def __enter__(self) -> PreemptionGuard:
-        for signum in self._signals:
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for signum, handler in self._previous.items():
-            # None: the previous handler was not installed from Python; the default is closest.
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        self._previous.clear()

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from contrastive import storage
 from contrastive.accumulation import check_microbatching
-from contrastive.checkpoint import Checkpointer, PreemptionGuard
+from contrastive.checkpoint import Checkpointer
 from contrastive.config_schema import ConfigError
 from contrastive.evaluators.build import build_evaluators
 from contrastive.experiment import Task, build_experiment, build_task, resolve_total_steps
@@ -31,6 +31,7 @@ from contrastive.metric_logging import (
     format_metrics,
     log_primary,
 )
+from contrastive.preemption import PreemptionGuard
 from contrastive.report import plot_curves
 from contrastive.step import (
     abstract_params,

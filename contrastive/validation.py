@@ -41,7 +41,8 @@ from contrastive.experiment import (
     sampling_from_config,
 )
 from contrastive.mesh import make_mesh
-from contrastive.optim import make_optimizer, validate_optim_config
+from contrastive.optim import make_optimizer
+from contrastive.optim_config import validate_optim_config
 from data.config import InputConfig, validate_input_config
 from data.preprocess import PP_OPS, parse_op, split_ops
 from data.tokenizers import make_tokenizer

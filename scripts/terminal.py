@@ -91,8 +91,8 @@ def _stderr_to_devnull():
         os.close(devnull)
 
 
-# Failures that are not bugs, by exception class name (contrastive.checkpoint's errors are named,
-# not imported: importing them here would load orbax), and their exit status.
+# Failures that are not bugs, by exception class name (the checkpoint errors are named, not
+# imported: importing contrastive.checkpoint_failures here would load orbax), and their exit status.
 QUIET_FAILURES = {"FloatingPointError": 3, "DamagedCheckpoint": 4, "CheckpointWriteError": 5}
 
 

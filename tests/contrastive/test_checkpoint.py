@@ -14,8 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from contrastive.checkpoint import Checkpointer, PreemptionGuard
+from contrastive.checkpoint import Checkpointer
 from contrastive.mesh import make_mesh, state_shardings
+from contrastive.preemption import PreemptionGuard
 from contrastive.step import TrainState
 
 MIN_FSDP_SIZE = 16  # small enough that the test parameters are split over "fsdp"

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from etils import epath
 
-from contrastive.checkpoint import Checkpointer, CheckpointWriteError
+from contrastive.checkpoint import Checkpointer
+from contrastive.checkpoint_failures import CheckpointWriteError
 from contrastive.experiment import build_experiment
 from contrastive.mesh import make_mesh
 from contrastive.metric_logging import read_metrics

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contrastive.checkpoint import Checkpointer, DamagedCheckpoint
+from contrastive.checkpoint import Checkpointer
+from contrastive.checkpoint_failures import DamagedCheckpoint
 from contrastive.integrity import array_checksums, differing
 from contrastive.mesh import make_mesh
 from tests.contrastive.test_checkpoint import (

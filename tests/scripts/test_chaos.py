@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 
 from scripts import chaos
-from scripts.chaos import (
+from scripts.chaos_comparison import RunRecord, differences
+from scripts.chaos_trials import (
     CHECKPOINT_WRITE,
     EVALUATION,
     LATEST_FRACTION,
     RANDOM_TIME,
-    RunRecord,
     Timeline,
     choose_kill,
-    differences,
 )
 from tests.data.helpers import make_fashion_dir
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from scripts import mutation_check
-from scripts.mutation_check import MUTATIONS, Mutation
+from scripts.planted_bugs import MUTATIONS, Mutation
 from tests import REPO
 
 
