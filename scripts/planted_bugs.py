@@ -166,7 +166,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "hetxl_logits_drop_the_mean_shift",
-        "models/heteroscedastic/mc.py",
+        "models/heteroscedastic/logit_distributions.py",
         "shifted = pre_logits if noise.mean_shift is None else pre_logits + noise.mean_shift",
         "shifted = pre_logits",
         (f"{HET}::test_efficient_form_equals_naive_form_on_the_same_draws",),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from models.heteroscedastic import mc
+from models.heteroscedastic import logit_distributions, mc
 from models.heteroscedastic.noise import HeteroscedasticNoise, NoiseConfig
 from models.heteroscedastic.sampling import Sampling
 from models.heteroscedastic.temperature import Temperature, TemperatureConfig
@@ -70,13 +70,15 @@ class HeteroscedasticHead(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.num_classes,))
         tau = Temperature(self.temperature, name="temperature")()
         self.sow("intermediates", "tau", tau)  # read by trainers as a metric
-        distribution = self._logit_distribution(pre_logits, kernel, bias)
+        # No samples are drawn when deterministic: the cheapest form then only holds the mean.
+        num_samples = 0 if deterministic else self.sampling.samples(train)
+        distribution = self._logit_distribution(pre_logits, kernel, bias, num_samples)
         if self.kind == "det" or deterministic:
             if labels is None:
                 return mc.deterministic_log_probs(distribution, tau, self.likelihood)
             return mc.deterministic_log_likelihood(distribution, tau, labels, self.likelihood)
         sampling = dict(
-            num_samples=self.sampling.samples(train),
+            num_samples=num_samples,
             chunk_size=self.sampling.chunk_size,
             share_across_batch=self.sampling.share_across_batch,
             likelihood=self.likelihood,
@@ -86,12 +88,16 @@ class HeteroscedasticHead(nn.Module):
             return mc.mc_log_probs(distribution, tau, key, **sampling)
         return mc.mc_log_likelihood(distribution, tau, labels, key, **sampling)
 
-    def _logit_distribution(self, pre_logits, kernel, bias) -> mc.LogitDistribution:
-        logits_if_no_noise = pre_logits @ kernel + bias
+    def _logit_distribution(
+        self, pre_logits: jax.Array, kernel: jax.Array, bias: jax.Array, num_samples: int
+    ) -> logit_distributions.Distribution:
+        """The logits' distribution; HET-XL's in the cheaper form for num_samples samples."""
         if self.kind == "det":
-            return mc.LogitDistribution(logits_if_no_noise)
+            return logit_distributions.LogitDistribution(pre_logits @ kernel + bias)
         noise_dim = self.num_classes if self.kind == "het" else pre_logits.shape[-1]
         noise = HeteroscedasticNoise(noise_dim, self.noise, name="noise")(pre_logits)
         if self.kind == "het":
-            return mc.logit_noise_logits(logits_if_no_noise, noise)
-        return mc.prelogit_noise_logits(pre_logits, kernel, noise, bias)
+            return logit_distributions.logit_noise_logits(pre_logits @ kernel + bias, noise)
+        return logit_distributions.prelogit_noise_logits(
+            pre_logits, kernel, noise, bias, num_samples=num_samples
+        )

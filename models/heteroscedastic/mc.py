@@ -1,17 +1,11 @@
-"""Monte-Carlo machinery shared by the classification heads and the contrastive loss.
+"""Monte-Carlo predictions of a heteroscedastic classifier, shared by the heads and the losses.
 
-A heteroscedastic classifier's logits are Gaussian, u ~ N(mean(x), Sigma_u(x)), and its prediction
-is E[softmax(u / tau)] (or E[sigmoid(u / tau)]), estimated with S samples. Two ideas keep it cheap:
-
-* "W once" (HETXL.md section 4): for pre-logit noise eps = V e_R + d * e_N, the logits are
-  u_s = (W^T phi + b) + (W^T V) e_R,s + W^T (d * e_N,s). W^T V is formed once per example, so the
-  low-rank part costs R*K per sample instead of D*K. `LogitDistribution` holds that factorised form.
-* Memory flat in S: `log_mean_exp_over_samples` scans over chunks of samples and has a custom
-  gradient that recomputes each chunk in the backward pass, so nothing of size S is ever stored.
-
-Sample s of example i draws its normals from fold_in(fold_in(key, s), i): results do not depend on
-the chunk size nor on the device count, and a reference can reproduce them with
-`standard_normal_draws`.
+The prediction is E[softmax(u / tau)] (or E[sigmoid(u / tau)]) over the Gaussian logits u of a
+distribution from models/heteroscedastic/logit_distributions.py, estimated with S samples.
+Memory is flat in S: `log_mean_exp_over_samples` scans over chunks of samples and has a custom
+gradient that recomputes each chunk in the backward pass, so nothing of size S is ever stored.
+When all samples fit in one chunk, that chunk is differentiated directly (its memory is one chunk
+either way, and the recomputation would be a fourth pass over the logit matmul).
 """
 
 from __future__ import annotations
@@ -23,163 +17,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from models.heteroscedastic.noise import NoiseParameters
+from models.heteroscedastic.logit_distributions import Distribution, sample_logits
 
 LIKELIHOODS = ("softmax", "sigmoid")
-
-
-@struct.dataclass
-class LogitDistribution:
-    """Gaussian over logits u = mean + factors @ e_R + diagonal term, in factorised form.
-
-    Attributes:
-      mean: f32[B, K], noise-free logits (any mean shift of the noise included).
-      factors: f32[B, K, R], the low-rank part mapped to logit space, or None (no low-rank noise).
-      diag_scale: per-dimension scale d, f32[B, N]; in shared-scalar mode the logit-space
-        direction of the broadcast scalar, f32[B, K]. None means no diagonal noise.
-      diag_projection: f32[N, K] maps the per-dimension diagonal noise to logits (W for pre-logit
-        noise); None when the diagonal noise already lives in logit space.
-      shared_scalar_diag: e_N is one scalar per (example, sample).
-    """
-
-    mean: jax.Array
-    factors: jax.Array | None = None
-    diag_scale: jax.Array | None = None
-    diag_projection: jax.Array | None = None
-    shared_scalar_diag: bool = struct.field(pytree_node=False, default=False)
-
-    @property
-    def num_factors(self) -> int:
-        return 0 if self.factors is None else self.factors.shape[-1]
-
-    @property
-    def diag_dim(self) -> int:
-        """Size of e_N per example and sample (1 in shared-scalar mode, 0 without diag noise)."""
-        if self.diag_scale is None:
-            return 0
-        return 1 if self.shared_scalar_diag else self.diag_scale.shape[-1]
-
-
-def prelogit_noise_logits(
-    pre_logits: jax.Array,
-    class_matrix: jax.Array,
-    noise: NoiseParameters,
-    class_bias: jax.Array | None = None,
-) -> LogitDistribution:
-    """HET-XL: noise in pre-logit space, u = (phi + eps)^T W + b, in the W-once form.
-
-    Args:
-      pre_logits: phi, f32[B, D].
-      class_matrix: W, f32[D, K]; any class matrix, e.g. a batch of text embeddings transposed.
-      noise: NoiseParameters in the D-dim pre-logit space.
-      class_bias: b, f32[K], or None.
-    """
-    shifted = pre_logits if noise.mean_shift is None else pre_logits + noise.mean_shift
-    mean = shifted @ class_matrix
-    if class_bias is not None:
-        mean = mean + class_bias
-    factors = jnp.einsum("bdr,dk->bkr", noise.factors, class_matrix)
-    if noise.shared_scalar_diag:
-        # d * e (e a scalar) maps to e * (d^T W): fold the projection in once per example.
-        return LogitDistribution(mean, factors, noise.diag_scale @ class_matrix, None, True)
-    return LogitDistribution(mean, factors, noise.diag_scale, class_matrix, False)
-
-
-def logit_noise_logits(logits: jax.Array, noise: NoiseParameters) -> LogitDistribution:
-    """HET: noise directly in logit space (N = K), u = logits + eps."""
-    mean = logits if noise.mean_shift is None else logits + noise.mean_shift
-    return LogitDistribution(mean, noise.factors, noise.diag_scale, None, noise.shared_scalar_diag)
-
-
-def standard_normal_draws(
-    key: jax.Array,
-    sample_ids: jax.Array,
-    batch_size: int,
-    num_factors: int,
-    diag_dim: int,
-    share_across_batch: bool = False,
-    example_ids: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """The standard normals of the given samples: e_R f32[C, B', R] and e_N f32[C, B', diag_dim].
-
-    B' is 1 when the draws are shared across the batch, else batch_size. The draws of (sample s,
-    example i) come from fold_in(fold_in(key, s), i) alone, so they do not depend on which other
-    samples are drawn (chunking) nor on how the batch is split over devices: a device holding
-    global examples example_ids i32[batch_size] (default arange) draws exactly what a single
-    device holding the whole batch draws for them.
-    """
-    rows = 1 if share_across_batch else batch_size
-    if example_ids is None or share_across_batch:
-        example_ids = jnp.arange(rows)
-
-    def one_draw(sample_id, example_id):
-        draw_key = jax.random.fold_in(jax.random.fold_in(key, sample_id), example_id)
-        factor_key, diag_key = jax.random.split(draw_key)
-        return (
-            jax.random.normal(factor_key, (num_factors,), jnp.float32),
-            jax.random.normal(diag_key, (diag_dim,), jnp.float32),
-        )
-
-    per_example = jax.vmap(one_draw, in_axes=(None, 0))
-    return jax.vmap(per_example, in_axes=(0, None))(sample_ids, example_ids)
-
-
-def sample_prelogit_noise(
-    noise: NoiseParameters,
-    key: jax.Array,
-    sample_ids: jax.Array,
-    share_across_batch: bool = False,
-    example_ids: jax.Array | None = None,
-) -> jax.Array:
-    """Pre-logit noise samples eps f32[C, B, N] = mean_shift + V e_R + d * e_N, drawn densely.
-
-    The contrastive loss uses this form: there the class matrix (all texts of the global batch) is
-    as large as the batch, so mapping V through it once (the W-once form) saves nothing over adding
-    the noise to the embeddings, and noisy embeddings can be re-normalised.
-    """
-    batch_size, noise_dim, num_factors = noise.factors.shape
-    diag_dim = 1 if noise.shared_scalar_diag else noise_dim
-    factor_draws, diag_draws = standard_normal_draws(
-        key, sample_ids, batch_size, num_factors, diag_dim, share_across_batch, example_ids
-    )
-    eps = jnp.einsum("bnr,cbr->cbn", noise.factors, factor_draws) + noise.diag_scale * diag_draws
-    return eps if noise.mean_shift is None else eps + noise.mean_shift
-
-
-def sample_logits(
-    distribution: LogitDistribution,
-    key: jax.Array,
-    sample_ids: jax.Array,
-    share_across_batch: bool = False,
-    example_ids: jax.Array | None = None,
-) -> jax.Array:
-    """Logit samples f32[C, B, K] for the C given sample ids (example_ids: see the draws)."""
-    batch_size = distribution.mean.shape[0]
-    factor_draws, diag_draws = standard_normal_draws(
-        key,
-        sample_ids,
-        batch_size,
-        distribution.num_factors,
-        distribution.diag_dim,
-        share_across_batch,
-        example_ids,
-    )
-    num_chunk = sample_ids.shape[0]
-    factor_draws = jnp.broadcast_to(factor_draws, (num_chunk, batch_size, factor_draws.shape[-1]))
-    diag_draws = jnp.broadcast_to(diag_draws, (num_chunk, batch_size, diag_draws.shape[-1]))
-    logits = jnp.broadcast_to(distribution.mean, (num_chunk,) + distribution.mean.shape)
-    if distribution.factors is not None:
-        logits = logits + jnp.einsum("bkr,cbr->cbk", distribution.factors, factor_draws)
-    if distribution.diag_scale is None:
-        return logits
-    if distribution.shared_scalar_diag:
-        return logits + diag_draws * distribution.diag_scale
-    diag_noise = diag_draws * distribution.diag_scale
-    if distribution.diag_projection is not None:
-        diag_noise = diag_noise @ distribution.diag_projection
-    return logits + diag_noise
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,16 +139,26 @@ def log_mean_exp_over_samples(
     sample_fn(diff_operands, aux_operands, key, sample_ids i32[C]) -> f32[C, ...] evaluates C
     samples at once and must be a pure function of its arguments (no captured arrays). Gradients
     flow to the floating-point leaves of diff_operands only; aux_operands (labels, masks) get none.
-    Peak memory is that of one chunk: the backward pass recomputes each chunk rather than storing
-    the S per-sample values. S need not be a multiple of chunk_size.
+    Peak memory is that of one chunk: with several chunks the backward pass recomputes each chunk
+    rather than storing the S per-sample values. S need not be a multiple of chunk_size.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if num_samples <= chunk_size:
+        # One chunk: storing its values for the backward pass takes the memory that recomputing
+        # them would, and saves a pass over sample_fn (e.g. a fourth logit matmul).
+        values = sample_fn(
+            diff_operands,
+            jax.tree.map(jax.lax.stop_gradient, aux_operands),
+            key,
+            jnp.arange(num_samples),
+        )
+        return jax.nn.logsumexp(values, axis=0) - math.log(num_samples)
     return _log_mean_exp(sample_fn, diff_operands, aux_operands, key, num_samples, chunk_size)
 
 
 # --------------------------------------------------------------------------------------------
-# Predictive log-probabilities and log-likelihoods of a LogitDistribution.
+# Predictive log-probabilities and log-likelihoods of either form of logit distribution.
 
 
 def _check_likelihood(likelihood: str) -> None:
@@ -333,7 +184,7 @@ def _per_sample_label_log_probs(operands, labels, key, sample_ids, *, share):
 
 
 def deterministic_log_probs(
-    distribution: LogitDistribution, tau: jax.Array, likelihood: str = "softmax"
+    distribution: Distribution, tau: jax.Array, likelihood: str = "softmax"
 ) -> jax.Array:
     """Noise-free log-probabilities f32[B, K] of the mean logits (the DET prediction)."""
     _check_likelihood(likelihood)
@@ -344,7 +195,7 @@ def deterministic_log_probs(
 
 
 def deterministic_log_likelihood(
-    distribution: LogitDistribution,
+    distribution: Distribution,
     tau: jax.Array,
     labels: jax.Array,
     likelihood: str = "softmax",
@@ -360,7 +211,7 @@ def deterministic_log_likelihood(
 
 
 def mc_log_probs(
-    distribution: LogitDistribution,
+    distribution: Distribution,
     tau: jax.Array,
     key: jax.Array,
     *,
@@ -385,7 +236,7 @@ def mc_log_probs(
 
 
 def mc_log_likelihood(
-    distribution: LogitDistribution,
+    distribution: Distribution,
     tau: jax.Array,
     labels: jax.Array,
     key: jax.Array,
