@@ -22,12 +22,20 @@ $(STAMP): requirements.txt requirements-nodeps.txt | $(PY)
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+# Tests run in TEST_WORKERS processes (pytest-xdist; "auto" = one per CPU core, at most
+# TEST_MAX_WORKERS: each worker holds its own JAX and TensorFlow). Compilation is mostly
+# single-threaded, so two workers on two cores nearly halve the wall time. Tests that share an
+# expensive module fixture carry an xdist_group mark and stay on one worker (--dist loadgroup).
+TEST_WORKERS ?= auto
+TEST_MAX_WORKERS ?= 4
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses $(TEST_MAX_WORKERS) --dist loadgroup
 
-# Everything but the tests marked slow (multi-process training jobs), for iterating.
+test: $(STAMP)
+	$(PYTEST) tests
+
+# Everything but the tests marked slow (end-to-end trainings and multi-process jobs), for iterating.
 test-quick: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -282,4 +282,30 @@ def initialize(args: argparse.Namespace) -> StartUp:
     finally:
         warning.cancel()
     _exit_at_once_on_uncaught_exception()
+    connect_cpu_collectives()
     return startup
+
+
+def connect_cpu_collectives() -> None:
+    """On CPU devices, one all-reduce over every device of the job, right after start-up.
+
+    Gloo (the CPU collectives) connects a group of devices at its first collective and gives the
+    other processes 30 s to arrive; once connected, a collective waits for its peers as long as
+    needed. Processes compile the first step separately, and on a loaded host one can reach it
+    more than 30 s after another, which would end the job. Here the processes have just met at
+    the coordinator, so the data-parallel group (all devices) connects in time, once.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    if jax.default_backend() != "cpu":
+        return
+    mesh = Mesh(np.array(jax.devices()), ("all",))
+    ones = np.ones((jax.local_device_count(),), np.int32)
+    spread = multihost_utils.host_local_array_to_global_array(ones, mesh, PartitionSpec("all"))
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))(spread)
+    if int(total.addressable_data(0)) != jax.device_count():
+        raise RuntimeError(f"connecting the CPU collectives summed {total}, not the device count")

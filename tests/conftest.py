@@ -23,3 +23,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the end-to-end tests (marked slow) first.
+
+    `make test` spreads the tests over worker processes (pytest-xdist); started first, the few
+    long jobs overlap with the many short tests instead of running alone at the end.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -21,7 +21,7 @@ from tests.data.helpers import make_fashion_dir
 STEPS = 10
 
 # Three real training jobs (about four minutes on two cores): `make test-quick` skips them.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess_training")]
 
 CONFIG = """
 from configs import demo

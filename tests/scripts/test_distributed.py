@@ -29,6 +29,8 @@ CLUSTER_VARIABLES = (
 
 
 # What an entry point does first, flags from the command line.
+XLA_TWO_DEVICES = "--xla_force_host_platform_device_count=2"
+
 JOIN = """
 import argparse, sys
 from scripts import distributed
@@ -186,3 +188,46 @@ def test_a_process_whose_peers_never_come_fails_with_advice_instead_of_hanging()
     assert "process 1 of 2 joining via coordinator 127.0.0.1:" in result.stderr
     assert "still waiting for all processes" in result.stderr
     assert "--coordinator_address" in result.stderr
+
+
+LATE_FIRST_STEP = (
+    JOIN
+    + """
+import os, time
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+if jax.process_index() == 1:
+    time.sleep(float(os.environ["LATE_BY_S"]))  # a slow compilation of the first step, say
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rows = np.full((2, 3), jax.process_index() + 1.0, np.float32)
+batch = multihost_utils.host_local_array_to_global_array(rows, mesh, PartitionSpec("data"))
+mean = jax.jit(lambda x: x.mean(0), out_shardings=NamedSharding(mesh, PartitionSpec()))(batch)
+print("mean", float(mean.addressable_data(0)[0]), flush=True)
+"""
+)
+
+
+@pytest.mark.slow  # sleeps past gloo's 30 s connection deadline
+def test_a_process_that_reaches_its_first_collective_late_does_not_end_the_job():
+    # Gloo gives peers 30 s to connect at a group's first collective; start-up connects the
+    # group of all devices, so a first step reached 35 s apart must still run.
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": XLA_TWO_DEVICES, "LATE_BY_S": "35"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", LATE_FIRST_STEP, f"--coordinator_address={address}"]
+            + ["--num_processes=2", f"--process_id={index}"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output[-3000:]
+        # Rows of ones from process 0 and twos from process 1, two each: the mean is 1.5.
+        assert "mean 1.5" in output, output[-3000:]
