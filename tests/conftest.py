@@ -9,6 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    # The tests' programs are tiny, so compiling them costs far more than running them: LLVM's
+    # cheapest level compiles about a quarter faster. Matmuls run in XLA's precompiled kernels
+    # either way, and every numerical test compares with a reference at its own tolerance.
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Many tests compile the same programs (a tiny config's train step in several runs, the same
