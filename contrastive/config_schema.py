@@ -30,10 +30,13 @@ Every problem found is reported at once, naming the key.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from contrastive.evaluators.schema import eval_block_problems
+from contrastive.config_blocks import boolean, build_block, int_at_least, optional, setting, string
+from contrastive.evaluators.schema import eval_block
+from contrastive.mesh import MeshConfig
 from data.config import ConfigError as ConfigError  # the one config error type
 
 TOP_LEVEL = {
@@ -68,8 +71,32 @@ CLASSIFIER_KEYS = (
     "temperature",
     "image_size",
 )
-CHECKPOINT_KEYS = {"every_steps": int, "keep": int, "async_save": bool, "directory": str}
 MODEL_INIT_KEYS = ("image", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """The config's `checkpoint` block.
+
+    every_steps: steps between checkpoints (the last step is always saved).
+    keep: how many of the newest checkpoints are kept.
+    async_save: write in the background while training goes on.
+    directory: where they go (local, gs:// or s3://); None: WORKDIR/checkpoints.
+    """
+
+    every_steps: int = setting(1000, int_at_least(1))
+    keep: int = setting(3, int_at_least(1))
+    async_save: bool = setting(True, boolean)
+    directory: str | None = setting(None, optional(string))
+
+
+def checkpoint_config(values: Mapping[str, Any]) -> CheckpointConfig:
+    """The checkpoint block of a config (defaults where it leaves keys out); ConfigError lists
+    every problem with it."""
+    checkpoint, problems = build_block(CheckpointConfig, values.get("checkpoint"), "checkpoint")
+    if problems:
+        raise ConfigError(problems)
+    return checkpoint
 
 
 def as_dict(value: Any) -> Any:
@@ -108,31 +135,13 @@ def validate_structure(config: Mapping[str, Any]) -> list[str]:
         unknown = sorted(set(config["model"]) - set(CLASSIFIER_KEYS))
         if unknown:
             problems.append(f"unknown model key(s) {unknown}; known: {list(CLASSIFIER_KEYS)}")
-    problems += _check_block(config.get("checkpoint"), "checkpoint", CHECKPOINT_KEYS)
-    for key in ("every_steps", "keep"):
-        value = (config.get("checkpoint") or {}).get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            problems.append(f"checkpoint.{key}={value} must be >= 1")
+    for key, cls in (("checkpoint", CheckpointConfig), ("mesh", MeshConfig)):
+        if isinstance(config.get(key), Mapping):  # else: absent, or its wrong type reported
+            problems += build_block(cls, config[key], key)[1]
     init = config.get("model_init") or {}
     unknown = sorted(set(init) - set(MODEL_INIT_KEYS))
     if unknown:
         problems.append(f"unknown model_init key(s) {unknown}; known: {list(MODEL_INIT_KEYS)}")
     for name, block in (config.get("evals") or {}).items():
-        problems += eval_block_problems(name, block)
-    return problems
-
-
-def _check_block(block, where: str, schema: Mapping[str, type]) -> list[str]:
-    if block is None:
-        return []
-    problems = []
-    unknown = sorted(set(block) - set(schema))
-    if unknown:
-        problems.append(f"unknown key(s) {unknown} in {where}; known: {sorted(schema)}")
-    for key, kind in schema.items():
-        value = block.get(key)
-        if value is not None and (
-            not isinstance(value, kind) or (kind is int and isinstance(value, bool))
-        ):
-            problems.append(f"{where}.{key}={value!r} should be {kind.__name__}")
+        problems += eval_block(name, block)[1]
     return problems

@@ -14,6 +14,7 @@ where it is used and reduce-scatters its gradient).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import jax
@@ -21,13 +22,29 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from contrastive.config_blocks import defaults, either, int_at_least, one_of, setting
+
 BATCH_AXES = ("data", "fsdp")
+_AXIS_SIZE = either(one_of([-1]), int_at_least(1), "expected an integer >= 1, or -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The config's `mesh` block: devices along each axis; one may be -1 (all remaining)."""
+
+    data: int = setting(-1, _AXIS_SIZE)
+    fsdp: int = setting(1, _AXIS_SIZE)
+
+    def problems(self) -> list[str]:
+        if self.data == -1 and self.fsdp == -1:
+            return ["fsdp: only one of data, fsdp may be -1"]
+        return []
 
 
 def make_mesh(axis_sizes: Mapping[str, int] | None = None, devices=None) -> Mesh:
     """A ("data", "fsdp") mesh; one size may be -1 (all remaining devices). Default: all data."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": -1, "fsdp": 1, **dict(axis_sizes or {})}
+    sizes = {**defaults(MeshConfig), **dict(axis_sizes or {})}
     unknown = set(sizes) - set(BATCH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; known: {BATCH_AXES}")

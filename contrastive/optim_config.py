@@ -11,12 +11,21 @@ contrastive/optim.py, the schedule's in `contrastive.learning_rate.learning_rate
 from __future__ import annotations
 
 import math
-import numbers
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
+
+from contrastive.config_blocks import (
+    boolean,
+    int_at_least,
+    is_int,
+    mapping,
+    one_of,
+    optional,
+    real,
+    regexes,
+)
 
 OPTIMIZER_NAMES = ("adamw", "adafactor", "sgd")
 SCHEDULE_NAMES = ("cosine", "linear", "rsqrt", "constant")
@@ -89,104 +98,33 @@ def _raise_all(problems: list[str]) -> None:
         raise ValueError("\n".join(problems))
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_regex_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-
-
-# Each check returns the problem with a value, or None when it is fine.
-def _real(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-
-    def check(value: Any) -> str | None:
-        if not _is_real(value) or not math.isfinite(value):
-            return f"expected a finite number in {interval}, got {value!r}"
-        too_low = value <= low if low_open else value < low
-        too_high = value >= high if high_open else value > high
-        if too_low or too_high:
-            return f"expected a number in {interval}, got {value!r}"
-        return None
-
-    return check
-
-
-def _optional(check):
-    return lambda value: None if value is None else check(value)
-
-
-def _int_at_least(low: int):
-    def check(value: Any) -> str | None:
-        if not _is_int(value) or value < low:
-            return f"expected an integer >= {low}, got {value!r}"
-        return None
-
-    return check
-
-
-def _one_of(choices: Sequence[str]):
-    def check(value: Any) -> str | None:
-        if value not in choices:
-            return f"expected one of {list(choices)}, got {value!r}"
-        return None
-
-    return check
-
-
-def _bool(value: Any) -> str | None:
-    return None if isinstance(value, bool) else f"expected True or False, got {value!r}"
-
-
-def _regexes(value: Any) -> str | None:
-    if not _is_regex_list(value):
-        return f"expected a list of regex strings, got {value!r}"
-    for pattern in value:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            return f"{pattern!r} is not a valid regex ({err})"
-    return None
-
-
-def _mapping(value: Any) -> str | None:
-    if isinstance(value, Mapping):
-        return None
-    return f"expected a mapping (e.g. ConfigDict.to_dict()), got {type(value).__name__}"
-
-
 _INF = math.inf
 _OPTIM_CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "name": _one_of(OPTIMIZER_NAMES),
-    "lr": _real(0.0, _INF, low_open=True, high_open=True),
-    "weight_decay": _real(0.0, _INF, high_open=True),
-    "wd_rules": _optional(_regexes),
-    "clip_norm": _optional(_real(0.0, _INF, low_open=True, high_open=True)),
-    "freeze": _regexes,
-    "schedule": _mapping,
-    "b1": _real(0.0, 1.0, high_open=True),
-    "b2": _real(0.0, 1.0, high_open=True),
-    "eps": _real(0.0, _INF, low_open=True, high_open=True),
-    "momentum": _optional(_real(0.0, 1.0, high_open=True)),
-    "nesterov": _bool,
-    "momentum_dtype": _one_of(tuple(MOMENTUM_DTYPES)),
-    "decay_rate": _real(0.0, 1.0, low_open=True),
-    "min_dim_size_to_factor": _int_at_least(1),
-    "clipping_threshold": _optional(_real(0.0, _INF, low_open=True, high_open=True)),
-    "multiply_by_parameter_scale": _bool,
+    "name": one_of(OPTIMIZER_NAMES),
+    "lr": real(0.0, _INF, low_open=True, high_open=True),
+    "weight_decay": real(0.0, _INF, high_open=True),
+    "wd_rules": optional(regexes),
+    "clip_norm": optional(real(0.0, _INF, low_open=True, high_open=True)),
+    "freeze": regexes,
+    "schedule": mapping,
+    "b1": real(0.0, 1.0, high_open=True),
+    "b2": real(0.0, 1.0, high_open=True),
+    "eps": real(0.0, _INF, low_open=True, high_open=True),
+    "momentum": optional(real(0.0, 1.0, high_open=True)),
+    "nesterov": boolean,
+    "momentum_dtype": one_of(tuple(MOMENTUM_DTYPES)),
+    "decay_rate": real(0.0, 1.0, low_open=True),
+    "min_dim_size_to_factor": int_at_least(1),
+    "clipping_threshold": optional(real(0.0, _INF, low_open=True, high_open=True)),
+    "multiply_by_parameter_scale": boolean,
 }
 _SCHEDULE_CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "name": _one_of(SCHEDULE_NAMES),
-    "warmup_steps": _optional(_int_at_least(0)),
-    "warmup_fraction": _optional(_real(0.0, 1.0, high_open=True)),
-    "end_lr_fraction": _real(0.0, 1.0),
-    "timescale": _int_at_least(1),
-    "cooldown_steps": _int_at_least(0),
+    "name": one_of(SCHEDULE_NAMES),
+    "warmup_steps": optional(int_at_least(0)),
+    "warmup_fraction": optional(real(0.0, 1.0, high_open=True)),
+    "end_lr_fraction": real(0.0, 1.0),
+    "timescale": int_at_least(1),
+    "cooldown_steps": int_at_least(0),
 }
 
 
@@ -204,7 +142,7 @@ def _resolve(
     """
     known = list(defaults)
     if not isinstance(config, Mapping):
-        problems.append(f"{where}: {_mapping(config)}. Known {where} keys: {', '.join(known)}")
+        problems.append(f"{where}: {mapping(config)}. Known {where} keys: {', '.join(known)}")
         return None
     before = len(problems)
     for key in config:
@@ -213,7 +151,7 @@ def _resolve(
     name = config.get("name", defaults["name"])
     problem = checks["name"](name)
     if problem:
-        problems.append(_problem(where, "name", problem, known))
+        problems.append(_problem(where, f"name={name!r}", problem, known))
     own_keys = set() if problem else set(specific[name])
     for key, value in config.items():
         if key not in defaults or key == "name":
@@ -230,7 +168,7 @@ def _resolve(
             continue
         problem = checks[key](value)
         if problem:
-            problems.append(_problem(where, key, problem, known))
+            problems.append(_problem(where, f"{key}={value!r}", problem, known))
     if len(problems) > before:
         return None
     all_specific = {k for keys in specific.values() for k in keys}
@@ -299,7 +237,7 @@ def _resolve_schedule(schedule: Any, total_steps: int, problems: list[str]) -> d
 
 
 def _check_total_steps(total_steps: Any) -> None:
-    if not _is_int(total_steps) or total_steps < 1:
+    if not is_int(total_steps) or total_steps < 1:
         raise ValueError(f"total_steps: expected an integer >= 1, got {total_steps!r}")
 
 
@@ -314,7 +252,7 @@ def validate_schedule(
     _check_total_steps(total_steps)
     problem = _OPTIM_CHECKS["lr"](peak_lr)
     if problem:
-        raise ValueError(f"peak_lr: {problem}")
+        raise ValueError(f"peak_lr={peak_lr!r}: {problem}")
     problems: list[str] = []
     resolved = _resolve_schedule(schedule_config, total_steps, problems)
     _raise_all(problems)

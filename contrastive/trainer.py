@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from contrastive import storage
 from contrastive.accumulation import check_microbatching
 from contrastive.checkpoint import Checkpointer
-from contrastive.config_schema import ConfigError
+from contrastive.config_schema import ConfigError, checkpoint_config
 from contrastive.evaluators.build import build_evaluators
 from contrastive.experiment import Task, build_experiment, build_task, resolve_total_steps
 from contrastive.freezing import report_frozen
@@ -65,7 +65,7 @@ class TrainResult:
 
 def checkpoint_directory(values: Mapping[str, Any], workdir: str) -> str:
     """checkpoint.directory, or WORKDIR/checkpoints."""
-    return (values.get("checkpoint") or {}).get("directory") or storage.join(workdir, "checkpoints")
+    return checkpoint_config(values).directory or storage.join(workdir, "checkpoints")
 
 
 # What a resumed run must share with the run that wrote the checkpoint: anything else would
@@ -160,11 +160,11 @@ def train(config, workdir: str) -> TrainResult:
 
     # --- A resumed run must be the same run (checked before anything is written)
     config_path = storage.join(workdir, "config.json")
-    checkpoint = values.get("checkpoint") or {}
+    checkpoint = checkpoint_config(values)
     checkpointer = Checkpointer(
         checkpoint_directory(values, workdir),
-        keep=checkpoint.get("keep", 3),
-        async_save=checkpoint.get("async_save", True),
+        keep=checkpoint.keep,
+        async_save=checkpoint.async_save,
     )
     latest = checkpointer.latest_step()
     if latest is not None and storage.exists(config_path):
@@ -207,7 +207,7 @@ def train(config, workdir: str) -> TrainResult:
     # evaluation and checkpoint steps.
     first_step = int(state.step)
     log_every = values.get("log_every", 50)
-    checkpoint_every = checkpoint.get("every_steps", 1000)
+    checkpoint_every = checkpoint.every_steps
     max_nonfinite = values.get("max_nonfinite_in_a_row", 10)
     logger = MetricLogger(workdir, resume_step=first_step)
     progress = Progress(num_steps, first_step, train_input.batch_size, mesh.size)

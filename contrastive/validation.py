@@ -22,7 +22,6 @@ Nothing here compiles or reads a batch, so a broken config fails in seconds.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import inspect
 from collections.abc import Mapping
@@ -32,13 +31,13 @@ import jax
 import jax.numpy as jnp
 
 from contrastive import config_schema, storage
+from contrastive.config_blocks import build_block
 from contrastive.config_schema import ConfigError, as_dict
 from contrastive.experiment import (
     build_model,
     build_task,
     loss_from_config,
     resolve_total_steps,
-    sampling_from_config,
 )
 from contrastive.mesh import make_mesh
 from contrastive.optim import make_optimizer
@@ -81,17 +80,11 @@ def _check_sampling(values: dict, problems: Problems) -> None:
     """The sampling block, and sampling keys still in model.noise or loss (named, then dropped
     so that the blocks they sit in are not reported again for them)."""
     problems.extend(pop_moved_keys(values))
-    sampling = values.get("sampling")
-    if not isinstance(sampling, Mapping):  # absent: the defaults; not a mapping: reported
+    if not isinstance(values.get("sampling"), Mapping):  # absent: the defaults; else reported
         return
-    known = [field.name for field in dataclasses.fields(Sampling)]
-    unknown = sorted(set(sampling) - set(known))
-    try:
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown}; known: {known}")
-        sampling_from_config(values)
-    except ValueError as error:
-        problems.add("sampling", error)
+    _, found = build_block(Sampling, values["sampling"], "sampling")
+    if found:
+        problems.extend(found)
         # Reported once: the loss and model checks go on with the default sampling.
         values["sampling"] = {}
 
@@ -328,7 +321,8 @@ def _check_model_and_objective(values: dict, train: InputConfig | None, problems
     try:
         mesh = make_mesh(values.get("mesh"))
     except (ValueError, TypeError) as error:
-        problems.add("mesh", error)
+        if not any(line.startswith("mesh") for line in problems):  # else reported already
+            problems.add("mesh", error)
         sound = False
     if not sound or train is None:
         return param_shapes

@@ -33,8 +33,8 @@ from jax.sharding import Mesh
 
 from contrastive.config_schema import ConfigError
 from contrastive.evaluators.classification import ClassificationEvaluator
-from contrastive.evaluators.retrieval import MAX_PAIRS, RetrievalEvaluator
-from contrastive.evaluators.schema import eval_block_problems
+from contrastive.evaluators.retrieval import RetrievalEvaluator
+from contrastive.evaluators.schema import eval_block
 from contrastive.evaluators.zeroshot import MonteCarlo, ZeroShotEvaluator
 from contrastive.experiment import sampling_from_config
 from data.config import InputConfig, validate_input_config
@@ -109,10 +109,10 @@ def build_evaluator(
 ) -> Any:
     """One evaluator from evals[name] (see the module docstring); ConfigError when the block
     does not fit the run."""
-    problems = eval_block_problems(name, block)
+    checked, problems = eval_block(name, block)
     if problems:
         raise ConfigError(problems)
-    kind = block["kind"]
+    kind = checked.kind
     task = values.get("task", "contrastive")
     if (kind == "classification") != (task == "classification"):
         raise ConfigError(f"evals.{name}: a {kind!r} evaluator does not apply to a {task} run")
@@ -140,7 +140,7 @@ def build_evaluator(
             _batches(eval_input, ("text",)),
             local_batch,
             mesh,
-            max_pairs=block.get("max_pairs", MAX_PAIRS),
+            max_pairs=checked.max_pairs,
         )
 
     _check_eval_input(name, eval_input, image_size, ("label",))
@@ -156,7 +156,7 @@ def build_evaluator(
             _batches(eval_input, ("label",)),
             local_batch,
             mesh,
-            monte_carlo=monte_carlo_options(values) if block.get("monte_carlo") else None,
+            monte_carlo=monte_carlo_options(values) if checked.monte_carlo else None,
         )
     except ValueError as error:
         raise ConfigError(f"evals.{name}: {error}") from error

@@ -25,10 +25,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from contrastive.evaluators.batching import global_batches, map_in_batches
+from contrastive.evaluators.schema import MAX_PAIRS
 from contrastive.evaluators.zeroshot import PRECISION
 from contrastive.mesh import replicated
 
-MAX_PAIRS = 50_000
 K_VALUES = (1, 5, 10)
 
 

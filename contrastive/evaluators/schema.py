@@ -1,4 +1,5 @@
-"""The keys of each evaluator kind in a config's `evals` block, checked without reading data.
+"""The blocks of a config's `evals` mapping, one frozen dataclass per evaluator kind, checked
+without reading data.
 
 Kept free of heavy imports so that config validation (contrastive/config_schema.py) can use it;
 contrastive/evaluators/build.py documents what each key means.
@@ -6,59 +7,87 @@ contrastive/evaluators/build.py documents what each key means.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-COMMON_KEYS = ("kind", "every_steps", "input")
-EVAL_KEYS = {
-    "zeroshot": (
-        *COMMON_KEYS,
-        "dataset",
-        "classnames",
-        "templates",
-        "tokenizer",
-        "text_length",
-        "monte_carlo",
-    ),
-    "classification": COMMON_KEYS,
-    "retrieval": (*COMMON_KEYS, "max_pairs"),
+from contrastive.config_blocks import (
+    boolean,
+    build_block,
+    int_at_least,
+    mapping,
+    optional,
+    setting,
+    string,
+    strings,
+)
+
+# Image-text pairs a retrieval evaluator reads at most (its similarity matrix is pairs^2).
+MAX_PAIRS = 50_000
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalBlock:
+    """The keys every evaluator kind has (all required); the input block itself is checked by
+    data.config.validate_input_config."""
+
+    kind: str = setting(check=string)  # a key of EVAL_KINDS
+    every_steps: int = setting(check=int_at_least(1))
+    input: dict = setting(check=mapping)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotEval(EvalBlock):
+    dataset: str | None = setting(None, optional(string))
+    classnames: list[str] | None = setting(None, optional(strings))
+    templates: list[str] | None = setting(None, optional(strings))
+    tokenizer: str | None = setting(None, optional(string))
+    text_length: int | None = setting(None, optional(int_at_least(1)))
+    monte_carlo: bool = setting(False, boolean)
+
+    def problems(self) -> list[str]:
+        if not self.dataset and not self.classnames:
+            return ["dataset: needs 'dataset' or 'classnames'"]
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationEval(EvalBlock):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalEval(EvalBlock):
+    max_pairs: int = setting(MAX_PAIRS, int_at_least(1))
+
+
+EVAL_KINDS = {
+    "zeroshot": ZeroShotEval,
+    "classification": ClassificationEval,
+    "retrieval": RetrievalEval,
 }
 
 
-def eval_block_problems(name: str, block: Any) -> list[str]:
-    """What is wrong with evals[name] without reading data (kind, keys, every_steps); [] if
-    nothing. The input block itself is checked by data.config.validate_input_config."""
-    kind = block.get("kind") if isinstance(block, Mapping) else None
-    if kind not in EVAL_KEYS:
-        return [f"evals.{name}.kind={kind!r} is unknown; known: {sorted(EVAL_KEYS)}"]
+def eval_block(name: str, block: Any) -> tuple[EvalBlock | None, list[str]]:
+    """(evals[name] as the dataclass of its kind, []) or (None, every problem with it)."""
+    where = f"evals.{name}"
+    if hasattr(block, "to_dict"):
+        block = block.to_dict()
+    if not isinstance(block, Mapping):
+        return build_block(EvalBlock, block, where)
+    kind = block.get("kind")
+    if "kind" not in block:
+        return None, [f"{where}.kind: missing (required); known: {sorted(EVAL_KINDS)}"]
+    if kind not in EVAL_KINDS:
+        return None, [f"{where}.kind={kind!r} is unknown; known: {sorted(EVAL_KINDS)}"]
+    values = dict(block)
     problems = []
-    if "mc_samples" in block:
+    if "mc_samples" in values:
+        del values["mc_samples"]
         problems.append(
-            f"evals.{name}.mc_samples has moved: set evals.{name}.monte_carlo=True and the "
+            f"{where}.mc_samples has moved: set {where}.monte_carlo=True and the "
             "number of samples in sampling.eval_samples"
         )
-    unknown = sorted(set(block) - set(EVAL_KEYS[kind]) - {"mc_samples"})
-    if unknown:
-        problems.append(f"unknown key(s) {unknown} in evals.{name}; known: {EVAL_KEYS[kind]}")
-    missing = [key for key in COMMON_KEYS if key not in block]
-    if missing:
-        problems.append(f"evals.{name} needs {missing}")
-    every = block.get("every_steps")
-    if not isinstance(every, int) or isinstance(every, bool) or every <= 0:
-        problems.append(f"evals.{name}.every_steps must be a positive int")
-    if kind == "zeroshot" and not block.get("dataset") and not block.get("classnames"):
-        problems.append(f"evals.{name} needs 'dataset' or 'classnames'")
-    max_pairs = block.get("max_pairs", 1)
-    if not isinstance(max_pairs, int) or isinstance(max_pairs, bool) or max_pairs < 1:
-        problems.append(f"evals.{name}.max_pairs must be an int >= 1")
-    if not isinstance(block.get("monte_carlo", False), bool):
-        problems.append(f"evals.{name}.monte_carlo must be True or False")
-    for key in ("classnames", "templates"):
-        value = block.get(key)
-        if value is not None and (
-            isinstance(value, str)
-            or not isinstance(value, (list, tuple))
-            or not all(isinstance(item, str) for item in value)
-        ):
-            problems.append(f"evals.{name}.{key} must be a list of strings")
-    return problems
+    instance, found = build_block(EVAL_KINDS[kind], values, where)
+    problems += found
+    return (None if problems else instance), problems

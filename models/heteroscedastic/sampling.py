@@ -38,12 +38,20 @@ class Sampling:
     share_across_batch: bool = False
 
     def __post_init__(self):
-        for name in ("train_samples", "eval_samples", "chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        # The block's checks (contrastive.config_blocks.build_block reports them, all at once).
+        problems = [
+            f"{name}={getattr(self, name)!r}: expected an integer >= 1"
+            for name in ("train_samples", "eval_samples", "chunk_size")
+            if isinstance(getattr(self, name), bool)
+            or not isinstance(getattr(self, name), int)
+            or getattr(self, name) < 1
+        ]
         if not isinstance(self.share_across_batch, bool):
-            raise ValueError(f"share_across_batch must be a bool, got {self.share_across_batch!r}")
+            problems.append(
+                f"share_across_batch={self.share_across_batch!r}: expected True or False"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def samples(self, train: bool) -> int:
         return self.train_samples if train else self.eval_samples
