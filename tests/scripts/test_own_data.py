@@ -91,7 +91,7 @@ def test_a_broken_config_is_one_line_per_problem_and_exit_status_2(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert lines[0] == "error: invalid config (3 problems):"
     assert any("vocab_size=1000" in line for line in lines)
-    assert any("sampling: train_samples" in line for line in lines)
+    assert any("sampling.train_samples=0" in line for line in lines)
     assert any("optim.lr" in line for line in lines)
     assert "Traceback" not in done.stderr and len(lines) == 4
     assert not (tmp_path / "run").exists()  # nothing was written
