@@ -24,11 +24,11 @@ $(STAMP): requirements.txt requirements-nodeps.txt | $(PY)
 
 # Tests run in TEST_WORKERS processes (pytest-xdist; "auto" = one per CPU core, at most
 # TEST_MAX_WORKERS: each worker holds its own JAX and TensorFlow). Compilation is mostly
-# single-threaded, so two workers on two cores nearly halve the wall time. Tests that share an
-# expensive module fixture carry an xdist_group mark and stay on one worker (--dist loadgroup).
+# single-threaded, so two workers on two cores nearly halve the wall time. Tests go out one by
+# one (--dist load), so a module fixture may be set up once on each worker.
 TEST_WORKERS ?= auto
 TEST_MAX_WORKERS ?= 4
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses $(TEST_MAX_WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses $(TEST_MAX_WORKERS) --dist load
 
 test: $(STAMP)
 	$(PYTEST) tests

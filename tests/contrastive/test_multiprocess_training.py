@@ -21,7 +21,7 @@ from tests.data.helpers import make_fashion_dir
 STEPS = 10
 
 # Four real training jobs (about two minutes on two cores): `make test-quick` skips them.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess_training")]
+pytestmark = pytest.mark.slow
 
 CONFIG = """
 from configs import demo

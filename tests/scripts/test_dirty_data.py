@@ -14,9 +14,6 @@ from PIL import Image
 
 from scripts import dirty_data
 
-# Its tests share one expensive module fixture: keep them on one test worker.
-pytestmark = pytest.mark.xdist_group("dirty_data")
-
 RECORDS, BAD_FRACTION = 2000, 0.02
 MAX_TEXT_BYTES = 4096  # configs/pretrain.py keeps the input default
 # Per fault, the reason a reader of the data would give it.

@@ -14,9 +14,6 @@ from scripts import mutation_check
 from scripts.planted_bugs import MUTATIONS, Mutation
 from tests import REPO
 
-# Its tests share one expensive module fixture: keep them on one test worker.
-pytestmark = pytest.mark.xdist_group("mutation_check")
-
 
 def test_the_list_is_large_unique_and_complete():
     assert len(MUTATIONS) >= 20

@@ -20,9 +20,6 @@ from scripts import make_tfrecords, train, zeroshot_eval
 from scripts.config_loader import load_config
 from tests.data.helpers import make_fashion_dir
 
-# Its tests share one expensive module fixture: keep them on one test worker.
-pytestmark = pytest.mark.xdist_group("zeroshot_eval")
-
 FASHION_TEST = 10
 
 CONFIG = """
