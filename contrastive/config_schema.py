@@ -90,13 +90,17 @@ class CheckpointConfig:
     directory: str | None = setting(None, optional(string))
 
 
-def checkpoint_config(values: Mapping[str, Any]) -> CheckpointConfig:
-    """The checkpoint block of a config (defaults where it leaves keys out); ConfigError lists
-    every problem with it."""
-    checkpoint, problems = build_block(CheckpointConfig, values.get("checkpoint"), "checkpoint")
+def block_from_config(values: Mapping[str, Any], key: str, cls: type) -> Any:
+    """values[key] built as the block dataclass cls (defaults where it leaves keys out);
+    ConfigError lists every problem with it."""
+    block, problems = build_block(cls, values.get(key), key)
     if problems:
         raise ConfigError(problems)
-    return checkpoint
+    return block
+
+
+def checkpoint_config(values: Mapping[str, Any]) -> CheckpointConfig:
+    return block_from_config(values, "checkpoint", CheckpointConfig)
 
 
 def as_dict(value: Any) -> Any:

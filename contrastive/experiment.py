@@ -14,8 +14,7 @@ import jax
 import numpy as np
 
 from contrastive.accumulation import accumulated_contrastive_value_and_grad
-from contrastive.config_blocks import build_block
-from contrastive.config_schema import ConfigError
+from contrastive.config_schema import ConfigError, block_from_config
 from contrastive.freezing import frozen_mask
 from contrastive.losses import make_loss
 from contrastive.objectives import classification_objective, contrastive_objective
@@ -47,10 +46,7 @@ class Task:
 def sampling_from_config(values: Mapping[str, Any]) -> Sampling:
     """The run's one Monte-Carlo sampling block (defaults where the config leaves it out);
     ConfigError lists every problem with it."""
-    sampling, problems = build_block(Sampling, values.get("sampling"), "sampling")
-    if problems:
-        raise ConfigError(problems)
-    return sampling
+    return block_from_config(values, "sampling", Sampling)
 
 
 def loss_from_config(values: Mapping[str, Any]):

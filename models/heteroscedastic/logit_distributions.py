@@ -26,8 +26,27 @@ from models.heteroscedastic.noise import DIAG_MODES, NoiseParameters
 PRELOGIT_FORMS = ("auto", "dense", "w_once")
 
 
+class _NoiseDraws:
+    """How many standard normals one (example, sample) draws: both forms read the same ones."""
+
+    factors: jax.Array | None
+    diag_scale: jax.Array | None
+    shared_scalar_diag: bool
+
+    @property
+    def num_factors(self) -> int:
+        return 0 if self.factors is None else self.factors.shape[-1]
+
+    @property
+    def diag_dim(self) -> int:
+        """Size of e_N per example and sample (1 in shared-scalar mode, 0 without diag noise)."""
+        if self.diag_scale is None:
+            return 0
+        return 1 if self.shared_scalar_diag else self.diag_scale.shape[-1]
+
+
 @struct.dataclass
-class LogitDistribution:
+class LogitDistribution(_NoiseDraws):
     """Gaussian over logits u = mean + factors @ e_R + diagonal term, in factorised form.
 
     HET's distribution (noise in logit space) and HET-XL's in the "W once" form.
@@ -48,20 +67,9 @@ class LogitDistribution:
     diag_projection: jax.Array | None = None
     shared_scalar_diag: bool = struct.field(pytree_node=False, default=False)
 
-    @property
-    def num_factors(self) -> int:
-        return 0 if self.factors is None else self.factors.shape[-1]
-
-    @property
-    def diag_dim(self) -> int:
-        """Size of e_N per example and sample (1 in shared-scalar mode, 0 without diag noise)."""
-        if self.diag_scale is None:
-            return 0
-        return 1 if self.shared_scalar_diag else self.diag_scale.shape[-1]
-
 
 @struct.dataclass
-class PrelogitDistribution:
+class PrelogitDistribution(_NoiseDraws):
     """HET-XL's Gaussian over logits in the dense form: u_s = (phi + eps_s)^T W + b.
 
     The noise eps_s = V e_R,s + d * e_N,s is drawn in the D-dim pre-logit space and each sample is
@@ -89,17 +97,6 @@ class PrelogitDistribution:
         """Noise-free logits f32[B, K] (the mean shift included)."""
         logits = self.pre_logits @ self.class_matrix
         return logits if self.class_bias is None else logits + self.class_bias
-
-    @property
-    def num_factors(self) -> int:
-        return 0 if self.factors is None else self.factors.shape[-1]
-
-    @property
-    def diag_dim(self) -> int:
-        """Size of e_N per example and sample (1 in shared-scalar mode, 0 without diag noise)."""
-        if self.diag_scale is None:
-            return 0
-        return 1 if self.shared_scalar_diag else self.diag_scale.shape[-1]
 
 
 Distribution = LogitDistribution | PrelogitDistribution
