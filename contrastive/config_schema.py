@@ -25,7 +25,8 @@
     accum_steps      contrastive only: split each batch into this many microbatches for memory,
                      keeping every negative of the full batch (contrastive/accumulation.py)
 
-Every problem found is reported at once, naming the key.
+`TopLevelConfig` holds these keys; every problem found is reported at once, one line each,
+naming the key (`config.task='contrastiv': expected one of ['contrastive', 'classification']`).
 """
 
 from __future__ import annotations
@@ -34,32 +35,23 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from contrastive.config_blocks import boolean, build_block, int_at_least, optional, setting, string
 from contrastive.evaluators.schema import eval_block
 from contrastive.mesh import MeshConfig
-from data.config import ConfigError as ConfigError  # the one config error type
+from data.config_blocks import (
+    boolean,
+    build_block,
+    build_or_raise,
+    defaults,
+    int_at_least,
+    integer,
+    mapping,
+    one_of,
+    optional,
+    real,
+    setting,
+    string,
+)
 
-TOP_LEVEL = {
-    "task": str,
-    "seed": int,
-    "input": Mapping,
-    "model": Mapping,
-    "model_init": Mapping,
-    "init_from": str,
-    "loss": Mapping,
-    "sampling": Mapping,
-    "optim": Mapping,
-    "total_steps": int,
-    "total_epochs": (int, float),
-    "total_examples": int,
-    "log_every": int,
-    "evals": Mapping,
-    "mesh": Mapping,
-    "checkpoint": Mapping,
-    "max_nonfinite_in_a_row": int,
-    "accum_steps": int,
-}
-REQUIRED = ("task", "input", "model", "optim")
 DURATIONS = ("total_steps", "total_epochs", "total_examples")
 TASKS = ("contrastive", "classification")
 CLASSIFIER_KEYS = (
@@ -72,6 +64,69 @@ CLASSIFIER_KEYS = (
     "image_size",
 )
 MODEL_INIT_KEYS = ("image", "text")
+
+_BLOCK = optional(mapping)
+_COUNT = optional(int_at_least(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class TopLevelConfig:
+    """The config's top-level keys (see the module docstring for their meaning).
+
+    task, input, model and optim are required; every check accepts None, which counts as the
+    key left out (ml_collections configs often spell "not set" as None). The blocks are checked
+    here only as mappings; their own modules check their keys. `fill_defaults` writes the
+    defaults of the scalar settings into a validated config, so code reads `values["seed"]`
+    and each default is defined here once.
+    """
+
+    task: str | None = setting(check=optional(one_of(TASKS)))
+    input: dict | None = setting(check=_BLOCK)
+    model: dict | None = setting(check=_BLOCK)
+    optim: dict | None = setting(check=_BLOCK)
+    seed: int = setting(0, optional(integer))
+    model_init: dict | None = setting(None, _BLOCK)
+    init_from: str | None = setting(None, optional(string))
+    loss: dict | None = setting(None, _BLOCK)
+    sampling: dict | None = setting(None, _BLOCK)
+    total_steps: int | None = setting(None, _COUNT)
+    total_epochs: float | None = setting(
+        None, optional(real(0.0, float("inf"), low_open=True, high_open=True))
+    )
+    total_examples: int | None = setting(None, _COUNT)
+    log_every: int = setting(50, _COUNT)
+    evals: dict | None = setting(None, _BLOCK)
+    mesh: dict | None = setting(None, _BLOCK)
+    checkpoint: dict | None = setting(None, _BLOCK)
+    max_nonfinite_in_a_row: int = setting(10, _COUNT)
+    accum_steps: int = setting(1, _COUNT)
+
+    def problems(self) -> list[str]:
+        problems = []
+        given = [key for key in DURATIONS if getattr(self, key) is not None]
+        if len(given) != 1:
+            key = given[-1] if given else DURATIONS[0]
+            problems.append(f"{key}: give exactly one of {list(DURATIONS)}, got {given or 'none'}")
+        if self.accum_steps not in (None, 1) and self.task != "contrastive":
+            problems.append("accum_steps: > 1 is for task='contrastive' (it keeps all negatives)")
+        if self.task == "classification" and self.model is not None:
+            unknown = sorted(set(self.model) - set(CLASSIFIER_KEYS))
+            if unknown:
+                problems.append(f"model: unknown key(s) {unknown}; known: {list(CLASSIFIER_KEYS)}")
+        unknown = sorted(set(self.model_init or {}) - set(MODEL_INIT_KEYS))
+        if unknown:
+            problems.append(f"model_init: unknown key(s) {unknown}; known: {list(MODEL_INIT_KEYS)}")
+        return problems
+
+
+TOP_LEVEL_KEYS = tuple(field.name for field in dataclasses.fields(TopLevelConfig))
+
+
+def fill_defaults(values: dict[str, Any]) -> None:
+    """Top-level settings left out (or None) of a validated config get their defaults."""
+    for key, default in defaults(TopLevelConfig).items():
+        if default is not None and values.get(key) is None:
+            values[key] = default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,17 +145,8 @@ class CheckpointConfig:
     directory: str | None = setting(None, optional(string))
 
 
-def block_from_config(values: Mapping[str, Any], key: str, cls: type) -> Any:
-    """values[key] built as the block dataclass cls (defaults where it leaves keys out);
-    ConfigError lists every problem with it."""
-    block, problems = build_block(cls, values.get(key), key)
-    if problems:
-        raise ConfigError(problems)
-    return block
-
-
 def checkpoint_config(values: Mapping[str, Any]) -> CheckpointConfig:
-    return block_from_config(values, "checkpoint", CheckpointConfig)
+    return build_or_raise(CheckpointConfig, values.get("checkpoint"), "checkpoint")
 
 
 def as_dict(value: Any) -> Any:
@@ -111,41 +157,11 @@ def as_dict(value: Any) -> Any:
 def validate_structure(config: Mapping[str, Any]) -> list[str]:
     """Problems with the top level and the trainer-owned blocks (the data, model, loss and optim
     blocks are checked by their own modules)."""
-    problems = []
-    unknown = sorted(set(config) - set(TOP_LEVEL))
-    if unknown:
-        problems.append(f"unknown top-level key(s) {unknown}; known: {sorted(TOP_LEVEL)}")
-    for key in REQUIRED:
-        if key not in config:
-            problems.append(f"missing top-level key {key!r}")
-    for key, kind in TOP_LEVEL.items():
-        value = config.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) and kind is int or not isinstance(value, kind):
-            problems.append(f"{key}={value!r} has the wrong type")
-    if config.get("task") is not None and config.get("task") not in TASKS:
-        problems.append(f"task={config.get('task')!r} is unknown; known: {list(TASKS)}")
-    given = [key for key in DURATIONS if config.get(key) is not None]
-    if len(given) != 1:
-        problems.append(f"give exactly one of {list(DURATIONS)}, got {given or 'none'}")
-    if config.get("accum_steps", 1) != 1 and config.get("task") != "contrastive":
-        problems.append("accum_steps > 1 is for task='contrastive' (it keeps all negatives)")
-    for key in (*DURATIONS, "log_every", "max_nonfinite_in_a_row", "accum_steps"):
-        value = config.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-            problems.append(f"{key}={value} must be > 0")
-    if config.get("task") == "classification" and isinstance(config.get("model"), Mapping):
-        unknown = sorted(set(config["model"]) - set(CLASSIFIER_KEYS))
-        if unknown:
-            problems.append(f"unknown model key(s) {unknown}; known: {list(CLASSIFIER_KEYS)}")
+    problems = build_block(TopLevelConfig, config, "config")[1]
     for key, cls in (("checkpoint", CheckpointConfig), ("mesh", MeshConfig)):
         if isinstance(config.get(key), Mapping):  # else: absent, or its wrong type reported
             problems += build_block(cls, config[key], key)[1]
-    init = config.get("model_init") or {}
-    unknown = sorted(set(init) - set(MODEL_INIT_KEYS))
-    if unknown:
-        problems.append(f"unknown model_init key(s) {unknown}; known: {list(MODEL_INIT_KEYS)}")
-    for name, block in (config.get("evals") or {}).items():
-        problems += eval_block(name, block)[1]
+    if isinstance(config.get("evals"), Mapping):
+        for name, block in config["evals"].items():
+            problems += eval_block(name, block)[1]
     return problems

@@ -14,7 +14,6 @@ import jax
 import numpy as np
 
 from contrastive.accumulation import accumulated_contrastive_value_and_grad
-from contrastive.config_schema import ConfigError, block_from_config
 from contrastive.freezing import frozen_mask
 from contrastive.losses import make_loss
 from contrastive.objectives import classification_objective, contrastive_objective
@@ -26,6 +25,7 @@ from contrastive.step import (
     make_train_step,
 )
 from data.config import validate_input_config
+from data.config_blocks import ConfigError, build_or_raise
 from data.sources import make_source
 from models.classifier import ImageClassifier
 from models.heteroscedastic import NoiseConfig, Sampling, TemperatureConfig
@@ -46,7 +46,7 @@ class Task:
 def sampling_from_config(values: Mapping[str, Any]) -> Sampling:
     """The run's one Monte-Carlo sampling block (defaults where the config leaves it out);
     ConfigError lists every problem with it."""
-    return block_from_config(values, "sampling", Sampling)
+    return build_or_raise(Sampling, values.get("sampling"), "sampling")
 
 
 def loss_from_config(values: Mapping[str, Any]):
@@ -170,7 +170,7 @@ class Experiment:
     def train_step(self, shardings, prepare_batch: Callable | None = None):
         """The jitted update step; with accum_steps > 1 its gradient is accumulated over
         microbatches that keep every negative of the full batch."""
-        accum_steps = self.values.get("accum_steps", 1)
+        accum_steps = self.values["accum_steps"]
         value_and_grad = None
         if accum_steps > 1:
             value_and_grad = accumulated_contrastive_value_and_grad(
@@ -190,7 +190,7 @@ class Experiment:
 def build_experiment(values: Mapping[str, Any], mesh) -> Experiment:
     """The Experiment of a validated config (contrastive.validation.validate_config) on a mesh."""
     task = build_task(values, mesh)
-    rng = jax.random.key(values.get("seed", 0))
+    rng = jax.random.key(values["seed"])
     num_steps = resolve_total_steps(values)
     param_shapes = jax.eval_shape(task.init_params, rng)
     optim = dict(values["optim"])

@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from contrastive.config_blocks import defaults, either, int_at_least, one_of, setting
+from data.config_blocks import defaults, either, int_at_least, one_of, setting
 
 BATCH_AXES = ("data", "fsdp")
 _AXIS_SIZE = either(one_of([-1]), int_at_least(1), "expected an integer >= 1, or -1")

@@ -19,9 +19,10 @@ The block's keys, defaults and validation live in contrastive/optim_config.py, t
 schedule in contrastive/learning_rate.py and frozen parameters in contrastive/freezing.py; this
 module assembles the transformation and also exports the names a caller of the block needs.
 
-Configs are validated in full before anything is built: an unknown key, a value of the wrong type or
-range, a key that belongs to another optimizer or schedule, and a regex that matches no parameter
-all raise ValueError naming the key and listing the known ones. `OPTIM_DEFAULTS` lists every key
+Configs are validated in full before anything is built: an unknown key (the known ones listed), a
+value of the wrong type or range, a key that belongs to another optimizer or schedule, and a regex
+that matches no parameter all raise ConfigError, one line per problem naming the key and the rule
+(`optim.b2: applies to name in ['adamw'] only, not 'sgd'`). `OPTIM_DEFAULTS` lists every key
 with its default, so a config may start from all of it; keys listed in `OPTIMIZER_KEYS` /
 `SCHEDULE_KEYS` apply only to the named optimizer / schedule, and elsewhere must keep their default
 value, because e.g. `b2=0.95` under SGD would otherwise be silently ignored.

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from contrastive import storage
 from contrastive.accumulation import check_microbatching
 from contrastive.checkpoint import Checkpointer
-from contrastive.config_schema import ConfigError, checkpoint_config
+from contrastive.config_schema import checkpoint_config
 from contrastive.evaluators.build import build_evaluators
 from contrastive.experiment import Task, build_experiment, build_task, resolve_total_steps
 from contrastive.freezing import report_frozen
@@ -38,6 +38,7 @@ from contrastive.step import (
 )
 from contrastive.validation import validate_config
 from data.config import validate_input_config
+from data.config_blocks import ConfigError
 from data.pipeline import make_global_iterator
 
 __all__ = [
@@ -146,7 +147,7 @@ def train(config, workdir: str) -> TrainResult:
 
     # --- Mesh and input
     mesh = make_mesh(values.get("mesh"))
-    accum_steps = values.get("accum_steps", 1)
+    accum_steps = values["accum_steps"]
     check_microbatching(train_input.batch_size, accum_steps, mesh.size)
     # Images cross to the devices as uint8 (a quarter of the bytes of float32) and are scaled
     # inside the step; the next batches are already on their way to the devices.
@@ -206,9 +207,9 @@ def train(config, workdir: str) -> TrainResult:
     # device (metrics, non-finite counter, agreement on preemption) only at sync points: log,
     # evaluation and checkpoint steps.
     first_step = int(state.step)
-    log_every = values.get("log_every", 50)
+    log_every = values["log_every"]
     checkpoint_every = checkpoint.every_steps
-    max_nonfinite = values.get("max_nonfinite_in_a_row", 10)
+    max_nonfinite = values["max_nonfinite_in_a_row"]
     logger = MetricLogger(workdir, resume_step=first_step)
     progress = Progress(num_steps, first_step, train_input.batch_size, mesh.size)
     last_metrics: dict = {}
@@ -323,7 +324,7 @@ def load_trained(workdir: str, step: int | None = None, with_optimizer: bool = F
         params = state.params
     else:  # no optimizer, no training input: the parameters alone
         task = build_task(values, mesh)
-        rng = jax.random.key(values.get("seed", 0))
+        rng = jax.random.key(values["seed"])
         params = checkpointer.restore_params(step, abstract_params(task.init_params, rng, mesh))
     checkpointer.close()
     return TrainedRun(values, task, mesh, params, step, state)

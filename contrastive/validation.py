@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from contrastive import config_schema, storage
-from contrastive.config_blocks import build_block
-from contrastive.config_schema import ConfigError, as_dict
+from contrastive.config_schema import as_dict
 from contrastive.experiment import (
     build_model,
     build_task,
@@ -43,6 +42,7 @@ from contrastive.mesh import make_mesh
 from contrastive.optim import make_optimizer
 from contrastive.optim_config import validate_optim_config
 from data.config import InputConfig, validate_input_config
+from data.config_blocks import ConfigError, build_block
 from data.preprocess import PP_OPS, parse_op, split_ops
 from data.tokenizers import make_tokenizer
 from models.heteroscedastic.sampling import Sampling, pop_moved_keys
@@ -58,6 +58,7 @@ def validate_config(config) -> dict:
     values = copy.deepcopy(as_dict(config))
     problems = Problems()
     problems.extend(config_schema.validate_structure(values))
+    config_schema.fill_defaults(values)
     _check_sampling(values, problems)
     inputs = _check_inputs(values, problems)
     task = values.get("task")
@@ -90,14 +91,14 @@ def _check_sampling(values: dict, problems: Problems) -> None:
 
 
 class Problems(list):
-    """Problem lines; an exception's message is split into one line per problem."""
+    """Problem lines: a ConfigError's own lines, any other exception's message line by line."""
 
     def add(self, where: str, error: BaseException | str) -> None:
-        text = str(error).strip() or type(error).__name__
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        # Sub-validators start with a heading ("config.input is invalid:") above their list.
-        if len(lines) > 1 and lines[0].endswith(":"):
-            lines = lines[1:]
+        if isinstance(error, ConfigError):
+            lines = error.problems
+        else:
+            text = str(error).strip() or type(error).__name__
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
         for line in lines:
             self.append(line if not where or line.startswith(where) else f"{where}: {line}")
 
@@ -120,8 +121,8 @@ def _check_inputs(values: dict, problems: Problems) -> dict[str, InputConfig]:
     checked = {}
     for where, block in blocks.items():
         try:
-            checked[where] = validate_input_config(block)
-        except (ConfigError, ValueError) as error:
+            checked[where] = validate_input_config(block, where)
+        except ValueError as error:
             problems.add(where, error)
     train = checked.get("input")
     if train is not None and train.num_epochs is not None:
@@ -311,7 +312,8 @@ def _check_model_and_objective(values: dict, train: InputConfig | None, problems
         except (ValueError, TypeError) as error:
             problems.add("loss", error)
             sound = False
-    rng = jax.random.key(values.get("seed") or 0)
+    # A seed of the wrong type is reported by the structure check; the shapes do not depend on it.
+    rng = jax.random.key(values["seed"] if isinstance(values["seed"], int) else 0)
     try:
         _, init_params = build_model(values)
         param_shapes = jax.eval_shape(init_params, rng)
@@ -326,7 +328,9 @@ def _check_model_and_objective(values: dict, train: InputConfig | None, problems
         sound = False
     if not sound or train is None:
         return param_shapes
-    accum_steps = values.get("accum_steps") or 1
+    accum_steps = values["accum_steps"]
+    if not isinstance(accum_steps, int) or accum_steps < 1:
+        return param_shapes  # reported by the structure check
     microbatch = train.batch_size // accum_steps
     if train.batch_size % accum_steps or microbatch % mesh.size:
         problems.append(

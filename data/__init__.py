@@ -8,6 +8,8 @@ Modules, in data-flow order:
   captions.py     captions for labelled images; zeroshot_texts.py  zero-shot names and prompts
   ops.py          preprocessing ops (registry PP_OPS); preprocess.py  the op-string parser
   tokenizers.py   WordPiece / SentencePiece in the tf.data graph
+  config_blocks.py  config blocks as checked frozen dataclasses, and ConfigError (every config
+                  reader's, not only the input's)
   config.py       the config.input block and its validation
   processing.py   per-record parse, seed, caption, check, op string; skipped-record counts
   transfer.py     uint8 images scaled on the device

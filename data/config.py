@@ -22,50 +22,82 @@ Source options (checked against the source classes in data/sources.py):
     image_folder:  root (one sub-folder per class), classnames=None
 Paths may be remote (gs://...): every source reads through tf.io.gfile.
 
-`validate_input_config` checks everything that can be checked without reading data (keys, types,
-ranges, source options, the whole op string) and reports every problem at once.
+`validate_input_config` builds the block (data/config_blocks.py) and checks everything that can
+be checked without reading data (keys, types, ranges, source options, the whole op string),
+reporting every problem at once, one line each:
+
+    input: unknown key(s) ['shuffle']; known: ['batch_size', ...]
+    input.batch_size: missing (required)
+    input.shuffle_buffer=-1: expected an integer >= 0
+    input.pp='decode|resise(32)': op 2 ('resise(32)') of ...: unknown op 'resise'; known ops: ...
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
+from data.config_blocks import (
+    ConfigError,
+    build_block,
+    int_at_least,
+    optional,
+    setting,
+    string,
+)
 from data.preprocess import PreprocessError, parse_pp
-from data.registry import RegistryError, matches_type, type_name
+from data.registry import RegistryError
 from data.sources import SOURCES
 
 
-class ConfigError(ValueError):
-    """An invalid config: `problems` lists every problem found, one line each.
+def _plain(value: Any) -> Any:
+    """A ConfigDict as its dict, anything else unchanged."""
+    return value.to_dict() if hasattr(value, "to_dict") else value
 
-    The one error type reported as a config mistake (data, model, loss, optimizer and trainer
-    checks all raise it); anything else is a bug and keeps its traceback.
-    """
 
-    def __init__(self, problems: str | Sequence[str]):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        if isinstance(problems, str):
-            message = problems
-        else:
-            message = "invalid config:\n  " + "\n  ".join(self.problems)
-        super().__init__(message)
+def _source(value: Any) -> str | None:
+    """The rule a source mapping breaks: a known name, and options that fit that source."""
+    options = _plain(value)
+    if not isinstance(options, Mapping):
+        return f"expected a mapping (name + that source's options), got {type(value).__name__}"
+    options = dict(options)
+    name = options.pop("name", None)
+    if name is None:
+        return f"needs a 'name'; known: {SOURCES.known()}"
+    if not isinstance(name, str) or name not in SOURCES:
+        return f"unknown source name {name!r}; known: {SOURCES.known()}"
+    try:
+        SOURCES.check_arguments(name, (), options)
+    except RegistryError as error:
+        return str(error)
+    return None
+
+
+def _op_string(value: Any) -> str | None:
+    """The rule an op string breaks: it must parse and build (data/preprocess.py)."""
+    problem = string(value)
+    if problem:
+        return problem
+    try:
+        parse_pp(value)
+    except PreprocessError as error:
+        return str(error)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
     """A validated config.input block (see the module docstring for the meaning of fields)."""
 
-    source: dict[str, Any]
-    pp: str
-    batch_size: int
-    shuffle_buffer: int = 10_000
-    seed: int = 0
-    prefetch: int = 2
-    num_epochs: int | None = None
-    max_text_bytes: int = 4096
+    source: dict[str, Any] = setting(check=_source)
+    pp: str = setting(check=_op_string)
+    batch_size: int = setting(check=int_at_least(1))
+    shuffle_buffer: int = setting(10_000, int_at_least(0))
+    seed: int = setting(0, int_at_least(0))
+    prefetch: int = setting(2, int_at_least(0))
+    num_epochs: int | None = setting(None, optional(int_at_least(1)))
+    max_text_bytes: int = setting(4096, int_at_least(1))
 
     @property
     def source_name(self) -> str:
@@ -76,73 +108,16 @@ class InputConfig:
         return {k: v for k, v in self.source.items() if k != "name"}
 
 
-def _as_dict(block: Any, where: str) -> dict[str, Any]:
-    if hasattr(block, "to_dict"):  # ml_collections.ConfigDict
-        block = block.to_dict()
-    if not isinstance(block, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got {type(block).__name__}")
-    return dict(block)
+def validate_input_config(block: Any, where: str = "input") -> InputConfig:
+    """Checks an input block (ConfigDict or mapping) and returns it as an InputConfig.
 
-
-def validate_input_config(block: Any) -> InputConfig:
-    """Checks a config.input block (ConfigDict or mapping) and returns it as an InputConfig.
-
+    where: the block's place in the config ("input", "evals.NAME.input"), naming its keys in
+        the problem lines.
     Raises ConfigError naming unknown keys, missing keys, wrongly typed values, bad ranges,
     unknown sources or source options, and op-string errors.
     """
-    values = _as_dict(block, "config.input")
-    fields = {f.name: f for f in dataclasses.fields(InputConfig)}
-    hints = typing.get_type_hints(InputConfig)
-    problems = []
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        problems.append(f"unknown key(s) {unknown}; known: {sorted(fields)}")
-    for name, f in fields.items():
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if name not in values:
-            if required:
-                problems.append(f"missing key {name!r}")
-            continue
-        if name == "source":
-            continue
-        if not matches_type(values[name], hints[name]):
-            problems.append(f"{name}={values[name]!r} should be {type_name(hints[name])}")
-    for name, low in (
-        ("batch_size", 1),
-        ("shuffle_buffer", 0),
-        ("prefetch", 0),
-        ("seed", 0),
-        ("max_text_bytes", 1),
-        ("num_epochs", 1),
-    ):
-        value = values.get(name)
-        if matches_type(value, int) and value < low:
-            problems.append(f"{name}={value} must be >= {low}")
-    if "source" in values:
-        problems += _source_problems(values["source"])
-    if isinstance(values.get("pp"), str):
-        try:
-            parse_pp(values["pp"])
-        except PreprocessError as e:
-            problems.append(f"pp: {e}")
+    config, problems = build_block(InputConfig, block, where)
     if problems:
-        raise ConfigError("config.input is invalid:\n  " + "\n  ".join(problems))
-    values["source"] = _as_dict(values["source"], "config.input.source")
-    return InputConfig(**values)
-
-
-def _source_problems(source: Any) -> list[str]:
-    try:
-        options = _as_dict(source, "config.input.source")
-    except ConfigError as e:
-        return [str(e)]
-    name = options.pop("name", None)
-    if name is None:
-        return [f"source needs a 'name'; known: {SOURCES.known()}"]
-    if not isinstance(name, str) or name not in SOURCES:
-        return [f"unknown source name {name!r}; known: {SOURCES.known()}"]
-    try:
-        SOURCES.check_arguments(name, (), options)
-    except RegistryError as e:
-        return [f"source: {e}"]
-    return []
+        raise ConfigError(problems)
+    # A plain dict of its own, whatever mapping the config held.
+    return dataclasses.replace(config, source=dict(_plain(config.source)))

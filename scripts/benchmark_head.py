@@ -129,7 +129,7 @@ class HeadStep:
             },
             batch_sharding(self.mesh),
         )
-        self.rng = jax.random.key(values.get("seed", 0))
+        self.rng = jax.random.key(values["seed"])
         param_shapes = jax.eval_shape(self.init_params, self.rng)
         self.optimizer, _ = make_optimizer(values["optim"], values["total_steps"], param_shapes)
         total = model_summary.count(param_shapes)

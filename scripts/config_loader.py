@@ -73,7 +73,7 @@ def parse_args_with_overrides(
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """The config of "path.py[:arg]" with the overrides applied; a missing file, a bad arg or a
     bad override raises ConfigError (all bad overrides at once)."""
-    from data.config import ConfigError
+    from data.config_blocks import ConfigError
 
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
@@ -112,8 +112,8 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     A top-level duration (total_steps, total_epochs, total_examples) replaces the others."""
     # Imported here: the schema module loads TensorFlow, which entry points import only after
     # parsing their flags (scripts/terminal.py).
-    from contrastive.config_schema import DURATIONS, TOP_LEVEL
-    from data.config import ConfigError
+    from contrastive.config_schema import DURATIONS, TOP_LEVEL_KEYS
+    from data.config_blocks import ConfigError
     from models.heteroscedastic.sampling import MOVED_KEYS
 
     key, sep, text = override.partition("=")
@@ -130,7 +130,7 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
                 f"override {override!r}: config has no {'.'.join(parents[: depth + 1])}"
             )
         node = node[part]
-    if leaf not in node and not parents and key in TOP_LEVEL:
+    if leaf not in node and not parents and key in TOP_LEVEL_KEYS:
         # An optional top-level setting the config leaves out (e.g. init_from, accum_steps).
         with config.unlocked():
             config[key] = parse_value(text)
@@ -157,7 +157,7 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
 
 def _set_duration(config: ml_collections.ConfigDict, key: str, text: str, override: str) -> None:
     from contrastive.config_schema import DURATIONS
-    from data.config import ConfigError
+    from data.config_blocks import ConfigError
 
     value = parse_value(text)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

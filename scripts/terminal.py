@@ -116,7 +116,7 @@ def run(main: Callable[[], int | None]) -> int:
     try:
         return main() or 0
     except Exception as error:
-        from data.config import ConfigError  # the entry point has imported it by now
+        from data.config_blocks import ConfigError  # the entry point has imported it by now
 
         if isinstance(error, ConfigError):
             lines = error.problems

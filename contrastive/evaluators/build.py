@@ -31,13 +31,13 @@ import jax
 import tensorflow as tf
 from jax.sharding import Mesh
 
-from contrastive.config_schema import ConfigError
 from contrastive.evaluators.classification import ClassificationEvaluator
 from contrastive.evaluators.retrieval import RetrievalEvaluator
 from contrastive.evaluators.schema import eval_block
 from contrastive.evaluators.zeroshot import MonteCarlo, ZeroShotEvaluator
 from contrastive.experiment import sampling_from_config
 from data.config import InputConfig, validate_input_config
+from data.config_blocks import ConfigError
 from data.ops import PP_OPS
 from data.pipeline import make_local_iterator
 from data.preprocess import parse_pp
@@ -116,7 +116,7 @@ def build_evaluator(
     task = values.get("task", "contrastive")
     if (kind == "classification") != (task == "classification"):
         raise ConfigError(f"evals.{name}: a {kind!r} evaluator does not apply to a {task} run")
-    eval_input = validate_input_config(block["input"])
+    eval_input = validate_input_config(block["input"], f"evals.{name}.input")
     if eval_input.num_epochs is None:
         raise ConfigError(f"evals.{name}.input.num_epochs must be set (1: read the split once)")
     local_batch = _local_batch_size(name, eval_input, mesh)

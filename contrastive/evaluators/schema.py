@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from contrastive.config_blocks import (
+from data.config_blocks import (
     boolean,
     build_block,
     int_at_least,

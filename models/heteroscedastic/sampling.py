@@ -38,7 +38,7 @@ class Sampling:
     share_across_batch: bool = False
 
     def __post_init__(self):
-        # The block's checks (contrastive.config_blocks.build_block reports them, all at once).
+        # The block's checks (data.config_blocks.build_block reports them, all at once).
         problems = [
             f"{name}={getattr(self, name)!r}: expected an integer >= 1"
             for name in ("train_samples", "eval_samples", "chunk_size")

@@ -16,11 +16,11 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from contrastive import storage
 from contrastive.checkpoint import Checkpointer
-from contrastive.config_schema import ConfigError
 from contrastive.experiment import build_model
 from contrastive.metric_logging import MetricLogger, read_metrics
 from contrastive.trainer import load_trained, train, warm_start
 from contrastive.validation import validate_config
+from data.config_blocks import ConfigError
 from scripts.zeroshot_eval import evaluate
 from tests.contrastive.test_trainer import contrastive_config, fashion_dir  # noqa: F401
 

@@ -15,9 +15,9 @@ import pytest
 
 from contrastive import trainer
 from contrastive.checkpoint import Checkpointer
-from contrastive.config_schema import ConfigError
 from contrastive.metric_logging import read_metrics
 from contrastive.trainer import train, validate_config
+from data.config_blocks import ConfigError
 from tests import REPO
 from tests.data.helpers import make_fashion_dir
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ml_collections
 import pytest
 
-from data.config import ConfigError, InputConfig, validate_input_config
+from data.config import InputConfig, validate_input_config
+from data.config_blocks import ConfigError
 
 
 def block(**overrides):
@@ -43,9 +44,12 @@ def test_unknown_and_missing_keys_are_named():
     text = problems(
         {"source": {"name": "tfrecord", "files": "x"}, "pp": "", "batchsize": 8, "shuffle": 10}
     )
-    assert "unknown key(s) ['batchsize', 'shuffle']" in text
-    assert "missing key 'batch_size'" in text
-    assert "shuffle_buffer" in text  # the known keys are listed
+    assert "input: unknown key(s) ['batchsize', 'shuffle']" in text
+    assert "input.batch_size: missing (required)" in text
+    assert (
+        "; known: ['batch_size', 'max_text_bytes', 'num_epochs', 'pp', 'prefetch', 'seed', "
+        "'shuffle_buffer', 'source']" in text
+    )
 
 
 def test_wrong_types_and_ranges_are_named_all_at_once():
@@ -53,11 +57,11 @@ def test_wrong_types_and_ranges_are_named_all_at_once():
         block(batch_size="64", seed=1.5, shuffle_buffer=-1, num_epochs=0, prefetch=True)
     )
     for fragment in (
-        "batch_size='64' should be int",
-        "seed=1.5 should be int",
-        "shuffle_buffer=-1 must be >= 0",
-        "num_epochs=0 must be >= 1",
-        "prefetch=True should be int",
+        "input.batch_size='64': expected an integer >= 1",
+        "input.seed=1.5: expected an integer >= 0",
+        "input.shuffle_buffer=-1: expected an integer >= 0",
+        "input.num_epochs=0: expected an integer >= 1",
+        "input.prefetch=True: expected an integer >= 0",
     ):
         assert fragment in text
 
@@ -77,4 +81,5 @@ def test_source_problems():
 
 def test_op_string_errors_surface_in_validation():
     text = problems(block(pp="decode|resise(32)"))
-    assert "pp:" in text and "unknown op 'resise'" in text and "known ops" in text
+    assert "input.pp='decode|resise(32)': " in text
+    assert "unknown op 'resise'" in text and "known ops" in text

@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from contrastive.config_schema import ConfigError
 from contrastive.trainer import resolve_total_steps, validate_config
+from data.config_blocks import ConfigError
 from scripts.config_loader import (
     add_config_flag,
     load_config,

@@ -7,10 +7,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from contrastive.config_schema import ConfigError
 from contrastive.evaluators.build import build_evaluators
 from contrastive.mesh import make_mesh, replicated
 from contrastive.trainer import build_task, validate_config
+from data.config_blocks import ConfigError
 from scripts.config_loader import load_config
 from tests import REPO
 from tests.data.helpers import make_fashion_dir

@@ -149,14 +149,15 @@ def test_contrastive_reports_monte_carlo_metrics_for_hetxl_only(fashion_dir, tmp
 
 @pytest.mark.slow
 def test_temperature_reuses_finished_runs_of_its_workdir(fashion_dir, tmp_path, capsys):
-    argv = ["temperature", *TINY, "--taus", "0.5,2", "--data_dir", str(fashion_dir)]
+    # One grid point: choosing the best of several is tested on given numbers above.
+    argv = ["temperature", *TINY, "--taus", "0.5", "--data_dir", str(fashion_dir)]
     argv += ["--workdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
     assert reproduce.main(argv) == 0
     first, _ = read_result(tmp_path / "out", "temperature")
     check_arms(
         first,
-        ["learned", "tau=0.5", "tau=2"],
-        dict.fromkeys(["learned", "tau=0.5", "tau=2"], ("accuracy", "nll", "ece", "tau")),
+        ["learned", "tau=0.5"],
+        dict.fromkeys(["learned", "tau=0.5"], ("accuracy", "nll", "ece", "tau")),
     )
     assert first["summary"]["tau=0.5"]["tau"]["mean"] == pytest.approx(0.5)
     assert 0.05 < first["summary"]["learned"]["tau"]["mean"] < 5.0

@@ -10,11 +10,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from contrastive.config_schema import ConfigError
 from contrastive.evaluators.build import build_evaluator
 from contrastive.evaluators.datasets import classification_dataset
 from contrastive.mesh import make_mesh
 from contrastive.trainer import build_task, validate_config
+from data.config_blocks import ConfigError
 from data.zeroshot_texts import FASHION_MNIST_CLASSNAMES, tfds_classnames_and_templates
 from scripts import make_tfrecords, train, zeroshot_eval
 from scripts.config_loader import load_config

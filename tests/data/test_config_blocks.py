@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from contrastive.config_blocks import (
+from data.config_blocks import (
     boolean,
     build_block,
     defaults,

@@ -4,12 +4,18 @@ A block is a frozen dataclass whose fields are declared with `setting(default, c
 default is used where the config leaves the key out, and `check(value)` returns what is wrong
 with a given value (or None). A cross-field rule lives in the class's `problems(self)` method,
 which returns lines "key: problem". `build_block(cls, values, where)` reads a mapping into the
-class and reports every problem at once, one line each, naming `where.key`:
+class and reports every problem at once, one line each, naming `where.key` (`build_or_raise`
+raises them as one ConfigError):
 
     checkpoint: expected a mapping, got str
     checkpoint: unknown key(s) ['kep']; known: ['async_save', 'directory', 'every_steps', 'keep']
     checkpoint.keep=0: expected an integer >= 1
-    mesh.data: only one of data, fsdp may be -1
+    mesh.fsdp: only one of data, fsdp may be -1
+
+It lives in data/ because that is the lowest package every config reader may import (the input
+block here, the optimizer, evaluator and trainer blocks in contrastive/); models/ may import
+neither, so its classes check themselves in __post_init__ instead. `ConfigError` is the one error
+a config mistake raises, wherever it is found.
 
 Kept free of heavy imports, so that a config is checked in well under a second. The checks
 below (`real`, `int_at_least`, `one_of`, ...) return the rule a value breaks; the caller says
@@ -26,6 +32,22 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 Check = Callable[[Any], "str | None"]
+
+
+class ConfigError(ValueError):
+    """An invalid config: `problems` lists every problem found, one line each.
+
+    The one error type reported as a config mistake (data, model, loss, optimizer and trainer
+    checks all raise it); anything else is a bug and keeps its traceback.
+    """
+
+    def __init__(self, problems: str | Sequence[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if isinstance(problems, str):
+            message = problems
+        else:
+            message = "invalid config:\n  " + "\n  ".join(self.problems)
+        super().__init__(message)
 
 
 def setting(default: Any = dataclasses.MISSING, check: Check | None = None, **field_options):
@@ -84,6 +106,15 @@ def build_block(cls: type, values: Any, where: str) -> tuple[Any, list[str]]:
     return instance, []
 
 
+def build_or_raise(cls: type, values: Any, where: str) -> Any:
+    """`values` built as the block `cls` (defaults where it leaves keys out); ConfigError lists
+    every problem with it."""
+    block, problems = build_block(cls, values, where)
+    if problems:
+        raise ConfigError(problems)
+    return block
+
+
 def defaults(cls: type) -> dict[str, Any]:
     """{key: default} of a block's fields that have one."""
     values = {}
@@ -105,6 +136,10 @@ def is_real(value: Any) -> bool:
 
 def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def integer(value: Any) -> str | None:
+    return None if is_int(value) else "expected an integer"
 
 
 def real(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Check:
