@@ -26,11 +26,11 @@ $(STAMP): requirements.txt requirements-nodeps.txt | $(PY)
 # most TEST_MAX_WORKERS (each worker holds its own JAX and TensorFlow). Compilation is mostly
 # single-threaded, and the multi-process and subprocess tests spend much of their time waiting on
 # sockets and child processes: the extra worker keeps the cores busy meanwhile (on 2 cores the
-# suite took 18 min with 2 workers, 14.7 with 3). Tests go out one by one (--dist load), so a
-# module fixture may be set up once on each worker.
+# suite took 18 min with 2 workers, 14.7 with 3). Tests go out two at a time to whichever worker
+# is free (--dist load --maxschedchunk 1) in the order tests/conftest.py sets: the long ones first.
 TEST_MAX_WORKERS ?= 4
 TEST_WORKERS ?= $(shell n=$$(( $$(nproc) + 1 )); echo $$(( n < $(TEST_MAX_WORKERS) ? n : $(TEST_MAX_WORKERS) )))
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist load
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 
 test: $(STAMP)
 	$(PYTEST) tests

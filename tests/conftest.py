@@ -30,10 +30,28 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Run the end-to-end tests (marked slow) first.
+# Module fixtures whose work is done once per session for all workers (tests/shared.py).
+SHARED_BUILDS = ("runs", "files", "small_run")
 
-    `make test` spreads the tests over worker processes (pytest-xdist); started first, the few
-    long jobs overlap with the many short tests instead of running alone at the end.
+
+def pytest_collection_modifyitems(config, items):
+    """Run the end-to-end tests (marked slow) first, and the tests that reuse a shared build last.
+
+    `make test` hands the tests to worker processes (pytest-xdist) in this order, a few at a
+    time: started first, the long jobs overlap with the many short tests instead of running
+    alone at the end. A fixture built once per session (tests/shared.py) is built by the first
+    of its tests; its other tests go last, so that no worker sits waiting for another's build.
     """
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    first_users = set()
+
+    def rank(item):
+        for name in SHARED_BUILDS:
+            if name in item.fixturenames:
+                build = (item.nodeid.split("::")[0], name)
+                if build in first_users:
+                    return 2
+                first_users.add(build)
+        return 0 if item.get_closest_marker("slow") else 1
+
+    ranks = {item.nodeid: rank(item) for item in items}  # in collection order
+    items.sort(key=lambda item: ranks[item.nodeid])

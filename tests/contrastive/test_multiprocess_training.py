@@ -17,6 +17,7 @@ from contrastive.metric_logging import read_metrics
 from contrastive.trainer import load_trained
 from tests import REPO
 from tests.data.helpers import make_fashion_dir
+from tests.shared import once_per_session
 
 STEPS = 10
 
@@ -94,19 +95,23 @@ def two_processes(command: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """1 process x 4 devices and 2 processes x 2 devices, the same 10 steps."""
-    root = tmp_path_factory.mktemp("layouts")
-    make_fashion_dir(root / "fashion", n_train=640, n_test=100)
-    config = root / "config.py"
-    config.write_text(CONFIG.format(data_dir=root / "fashion", steps=STEPS))
-    one = root / "one_process"
-    two = root / "two_processes"
-    # Both layouts at once: compilation is mostly single-threaded, so they share the cores well.
-    single = start(train_command(str(config), one), devices=4)
-    double = start(two_processes(train_command(str(config), two)), devices=2)
-    output = finish(double)
-    finish(single)
-    return dict(root=root, config=str(config), one=one, two=two, two_output=output)
+    """1 process x 4 devices and 2 processes x 2 devices, the same 10 steps (run once per test
+    session, shared by the tests of every worker)."""
+
+    def build(root):
+        make_fashion_dir(root / "fashion", n_train=640, n_test=100)
+        config = root / "config.py"
+        config.write_text(CONFIG.format(data_dir=root / "fashion", steps=STEPS))
+        one = root / "one_process"
+        two = root / "two_processes"
+        # Both layouts at once: compilation is mostly single-threaded, so they share the cores.
+        single = start(train_command(str(config), one), devices=4)
+        double = start(two_processes(train_command(str(config), two)), devices=2)
+        output = finish(double)
+        finish(single)
+        return dict(config=str(config), one=str(one), two=str(two), two_output=output)
+
+    return once_per_session(tmp_path_factory, "layouts", build)
 
 
 def losses(workdir) -> list[float]:
@@ -158,8 +163,8 @@ def test_zero_shot_numbers_are_the_same_in_both_layouts(runs):
         np.testing.assert_allclose([row[key] for row in two], [row[key] for row in one], rtol=1e-5)
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process_and_continues_identically(runs):
-    resumed = runs["root"] / "resumed"
+def test_a_two_process_checkpoint_resumes_in_one_process_and_continues_identically(runs, tmp_path):
+    resumed = tmp_path / "resumed"
     shutil.copytree(runs["two"], resumed)
     # Back to the middle of the run: drop the final checkpoint.
     shutil.rmtree(resumed / "checkpoints" / str(STEPS))

@@ -7,12 +7,14 @@ from __future__ import annotations
 import collections
 import io
 import json
+from pathlib import Path
 
 import pytest
 import tensorflow as tf
 from PIL import Image
 
 from scripts import dirty_data
+from tests.shared import once_per_session
 
 RECORDS, BAD_FRACTION = 2000, 0.02
 MAX_TEXT_BYTES = 4096  # configs/pretrain.py keeps the input default
@@ -61,12 +63,17 @@ def read_back(pattern: str) -> collections.Counter:
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("dirty")
-    report_path = workdir / "report.json"
-    argv = ["--records", str(RECORDS), "--bad_fraction", str(BAD_FRACTION), "--repeats", "2"]
-    argv += ["--workdir", str(workdir), "--json", str(report_path), "--shards", "4"]
-    status = dirty_data.main(argv)
-    return status, workdir, json.loads(report_path.read_text())
+    """(exit status, workdir, report) of one run, shared by the tests of every worker."""
+
+    def build(workdir):
+        report_path = workdir / "report.json"
+        argv = ["--records", str(RECORDS), "--bad_fraction", str(BAD_FRACTION), "--repeats", "2"]
+        argv += ["--workdir", str(workdir), "--json", str(report_path), "--shards", "4"]
+        status = dirty_data.main(argv)
+        return dict(status=status, workdir=str(workdir), report=json.loads(report_path.read_text()))
+
+    run = once_per_session(tmp_path_factory, "dirty_data", build)
+    return run["status"], Path(run["workdir"]), run["report"]
 
 
 def expected_counts() -> dict[str, int]:

@@ -19,6 +19,7 @@ from data.zeroshot_texts import FASHION_MNIST_CLASSNAMES, tfds_classnames_and_te
 from scripts import make_tfrecords, train, zeroshot_eval
 from scripts.config_loader import load_config
 from tests.data.helpers import make_fashion_dir
+from tests.shared import once_per_session
 
 FASHION_TEST = 10
 
@@ -87,45 +88,48 @@ FOLDER_CLASSES = {"fire_truck": 3, "golden_retriever": 2, "tabby_cat": 4}  # sor
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """The trained workdir, the Fashion-MNIST files, an image folder and TFRecord pairs."""
-    root = tmp_path_factory.mktemp("zeroshot_eval")
-    make_fashion_dir(root / "fashion", n_train=32, n_test=FASHION_TEST)
-    config = root / "tiny.py"
-    config.write_text(CONFIG.format(data_dir=str(root / "fashion")))
-    assert train.main(["--config", str(config), "--workdir", str(root / "run")]) == 0
+    """The trained workdir, the Fashion-MNIST files, an image folder and TFRecord pairs (built
+    once per test session, shared by the tests of every worker)."""
 
-    rng = np.random.default_rng(0)
-    folder = root / "folder"
-    for name, count in FOLDER_CLASSES.items():
-        (folder / name).mkdir(parents=True)
-        for i in range(count):
-            size = (20 + 7 * i, 36)  # photos of different shapes, one grey
-            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-            image = Image.fromarray(pixels).convert("L" if i == 1 else "RGB")
-            image.save(folder / name / f"{i}.png")
-    (folder / "tabby_cat" / "notes.txt").write_text("not an image")
+    def build(root):
+        make_fashion_dir(root / "fashion", n_train=32, n_test=FASHION_TEST)
+        config = root / "tiny.py"
+        config.write_text(CONFIG.format(data_dir=str(root / "fashion")))
+        assert train.main(["--config", str(config), "--workdir", str(root / "run")]) == 0
 
-    captions = ["a red fire truck", "a dog on grass", "a dog on grass", "a sleeping cat", "cat"]
-    manifest = root / "pairs.csv"
-    rows = ["image,caption"] + [
-        f"folder/{name}/0.png,{caption}"
-        for name, caption in zip(
-            ["fire_truck", "golden_retriever", "golden_retriever", "tabby_cat", "tabby_cat"],
-            captions,
-            strict=True,
-        )
-    ]
-    manifest.write_text("\n".join(rows) + "\n")
-    assert make_tfrecords.main(["--input", str(manifest), "--output", str(root / "pairs")]) == 0
-    return {
-        "root": root,
-        "run": str(root / "run"),
-        "config": str(config),
-        "fashion": str(root / "fashion"),
-        "folder": str(folder),
-        "pairs": str(root / "pairs-*.tfrecord"),
-        "num_pairs": len(captions),
-    }
+        rng = np.random.default_rng(0)
+        folder = root / "folder"
+        for name, count in FOLDER_CLASSES.items():
+            (folder / name).mkdir(parents=True)
+            for i in range(count):
+                size = (20 + 7 * i, 36)  # photos of different shapes, one grey
+                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+                image = Image.fromarray(pixels).convert("L" if i == 1 else "RGB")
+                image.save(folder / name / f"{i}.png")
+        (folder / "tabby_cat" / "notes.txt").write_text("not an image")
+
+        captions = ["a red fire truck", "a dog on grass", "a dog on grass", "a sleeping cat", "cat"]
+        manifest = root / "pairs.csv"
+        rows = ["image,caption"] + [
+            f"folder/{name}/0.png,{caption}"
+            for name, caption in zip(
+                ["fire_truck", "golden_retriever", "golden_retriever", "tabby_cat", "tabby_cat"],
+                captions,
+                strict=True,
+            )
+        ]
+        manifest.write_text("\n".join(rows) + "\n")
+        assert make_tfrecords.main(["--input", str(manifest), "--output", str(root / "pairs")]) == 0
+        return {
+            "run": str(root / "run"),
+            "config": str(config),
+            "fashion": str(root / "fashion"),
+            "folder": str(folder),
+            "pairs": str(root / "pairs-*.tfrecord"),
+            "num_pairs": len(captions),
+        }
+
+    return once_per_session(tmp_path_factory, "zeroshot_eval", build)
 
 
 def test_without_a_dataset_the_runs_own_evaluator_runs(files, capsys):
@@ -172,8 +176,8 @@ def test_image_folder_names_default_to_the_folder_names(files):
     assert by_prefix.source == dict(name="image_folder", root=files["folder"], classnames=None)
 
 
-def test_any_tfds_classification_dataset_by_name(files):
-    data_dir = str(files["root"] / "tfds")
+def test_any_tfds_classification_dataset_by_name(files, tmp_path):
+    data_dir = str(tmp_path / "tfds")
     images = np.random.default_rng(1).integers(0, 256, (5, 24, 30, 3), dtype=np.uint8)
     tfds.dataset_builders.store_as_tfds_dataset(
         name="tiny_animals",
