@@ -26,11 +26,14 @@ $(STAMP): requirements.txt requirements-nodeps.txt | $(PY)
 # most TEST_MAX_WORKERS (each worker holds its own JAX and TensorFlow). Compilation is mostly
 # single-threaded, and the multi-process and subprocess tests spend much of their time waiting on
 # sockets and child processes: the extra worker keeps the cores busy meanwhile (on 2 cores the
-# suite took 18 min with 2 workers, 14.7 with 3). Tests go out two at a time to whichever worker
-# is free (--dist load --maxschedchunk 1) in the order tests/conftest.py sets: the long ones first.
+# suite took 18 min with 2 workers, 14.7 with 3). --dist load hands each worker a block of
+# consecutive tests first (tests/conftest.py puts the long end-to-end ones at the front, so one
+# worker runs them in turn while the others run short tests), then tests one by one. Handing out
+# the long ones to all workers at once was slower (17 min): several multi-process jobs at a time
+# oversubscribe the cores.
 TEST_MAX_WORKERS ?= 4
 TEST_WORKERS ?= $(shell n=$$(( $$(nproc) + 1 )); echo $$(( n < $(TEST_MAX_WORKERS) ? n : $(TEST_MAX_WORKERS) )))
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 1
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist load
 
 test: $(STAMP)
 	$(PYTEST) tests

@@ -37,10 +37,11 @@ SHARED_BUILDS = ("runs", "files", "small_run")
 def pytest_collection_modifyitems(config, items):
     """Run the end-to-end tests (marked slow) first, and the tests that reuse a shared build last.
 
-    `make test` hands the tests to worker processes (pytest-xdist) in this order, a few at a
-    time: started first, the long jobs overlap with the many short tests instead of running
-    alone at the end. A fixture built once per session (tests/shared.py) is built by the first
-    of its tests; its other tests go last, so that no worker sits waiting for another's build.
+    `make test` hands the tests to worker processes (pytest-xdist) in this order, the first block
+    to one worker: started first, the long jobs run in turn beside the many short tests on the
+    other workers instead of alone at the end. A fixture built once per session
+    (tests/shared.py) is built by the first of its tests; its other tests go last, so that no
+    worker sits waiting for another's build.
     """
     first_users = set()
 

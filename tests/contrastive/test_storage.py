@@ -78,7 +78,6 @@ def test_checkpoints_refuse_a_scheme_orbax_cannot_write():
         Checkpointer("ram://bucket/run/checkpoints")
 
 
-@pytest.mark.slow
 def test_a_whole_run_its_resume_and_zero_shot_evaluation_on_a_url_workdir(
     fashion_dir,  # noqa: F811
     tmp_path,

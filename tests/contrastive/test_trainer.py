@@ -154,7 +154,6 @@ def test_classification_trains_and_reports_accuracy_nll_ece(fashion_dir, tmp_pat
     assert last["eval_examples"] == 20 and np.isfinite(last["tau"])
 
 
-@pytest.mark.slow
 def test_sigterm_saves_and_a_resumed_run_ends_where_an_uninterrupted_one_does(
     fashion_dir, tmp_path
 ):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from contrastive.metric_logging import read_metrics
@@ -33,7 +32,6 @@ def write_caption_csv(root, count=24):
             writer.writerow([f"img/{index:03d}.jpg", f"a {colour} square on white"])
 
 
-@pytest.mark.slow
 def test_own_captions_train_with_the_pretrain_config(tmp_path, capsys):
     write_caption_csv(tmp_path)
     prefix = tmp_path / "data" / "pairs"

@@ -106,7 +106,6 @@ def check_arms(result, arms, metrics):
         assert result["arms"][name]["command_seed0"].startswith("python -m scripts.train --config")
 
 
-@pytest.mark.slow
 def test_classification_writes_per_seed_numbers_table_and_parameter_counts(
     fashion_dir, tmp_path, capsys
 ):
