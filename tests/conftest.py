@@ -30,29 +30,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
-# Module fixtures whose work is done once per session for all workers (tests/shared.py).
-SHARED_BUILDS = ("runs", "files", "small_run")
-
-
 def pytest_collection_modifyitems(config, items):
-    """Run the end-to-end tests (marked slow) first, and the tests that reuse a shared build last.
+    """Run the end-to-end tests (marked slow) first.
 
     `make test` hands the tests to worker processes (pytest-xdist) in this order, the first block
     to one worker: started first, the long jobs run in turn beside the many short tests on the
-    other workers instead of alone at the end. A fixture built once per session
-    (tests/shared.py) is built by the first of its tests; its other tests go last, so that no
-    worker sits waiting for another's build.
+    other workers instead of alone at the end. A module's tests stay together, so the tests of a
+    fixture built once per session (tests/shared.py) mostly run on the worker that built it.
     """
-    first_users = set()
-
-    def rank(item):
-        for name in SHARED_BUILDS:
-            if name in item.fixturenames:
-                build = (item.nodeid.split("::")[0], name)
-                if build in first_users:
-                    return 2
-                first_users.add(build)
-        return 0 if item.get_closest_marker("slow") else 1
-
-    ranks = {item.nodeid: rank(item) for item in items}  # in collection order
-    items.sort(key=lambda item: ranks[item.nodeid])
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
