@@ -356,6 +356,10 @@ def _batch_shapes(values: dict, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     return shapes
 
 
+# Long enough that no warmup or cooldown exceeds it: stands in for a run length not yet known.
+RUN_LENGTH_UNKNOWN = 2**62
+
+
 def _check_optimizer(values: dict, param_shapes, problems: Problems) -> None:
     """The optimizer block against the run length, and its regexes against the parameter names
     when the model could be built."""
@@ -366,11 +370,18 @@ def _check_optimizer(values: dict, param_shapes, problems: Problems) -> None:
         return
     try:
         num_steps = resolve_total_steps(values)
+    except ConfigError:
+        # An epoch length needs a valid input block, whose problems are reported already. The
+        # optimizer's own keys are still checked; the rules that need the run length (warmup
+        # against total steps) wait until it can be known.
+        num_steps = None
     except (ValueError, OSError) as error:
         problems.add("total_epochs", error)
         return
     try:
-        if param_shapes is None:
+        if num_steps is None:
+            validate_optim_config(dict(optim), RUN_LENGTH_UNKNOWN)
+        elif param_shapes is None:
             validate_optim_config(dict(optim), num_steps)
         else:
             make_optimizer(dict(optim), num_steps, param_shapes)

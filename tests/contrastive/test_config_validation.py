@@ -323,3 +323,19 @@ def test_tokenizer_of_an_op_string():
         "minilm",
     )
     assert pp_tokenizer("decode|resize(4)") is None
+
+
+def test_a_broken_input_with_an_epoch_length_still_reports_the_optimizer_once_each(data_dir):
+    # An epoch length needs a valid input block: the input's problem is reported once (not again
+    # as a run-length problem), and the optimizer's own keys are still checked.
+    values = base(data_dir)
+    values["total_steps"] = None
+    values["total_epochs"] = 1.0
+    values["input"]["shuffle_buffer"] = -5
+    values["optim"]["lr"] = -1.0
+    with pytest.raises(ConfigError) as raised:
+        validate_config(values)
+    assert raised.value.problems == [
+        "input.shuffle_buffer=-5: expected an integer >= 0",
+        "optim.lr=-1.0: expected a number in (0.0, inf)",
+    ]
