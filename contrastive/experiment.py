@@ -24,7 +24,7 @@ from contrastive.step import (
     init_train_state,
     make_train_step,
 )
-from data.config import validate_input_config
+from data.config import InputConfig, validate_input_config
 from data.config_blocks import ConfigError, build_or_raise
 from data.sources import make_source
 from models.classifier import ImageClassifier
@@ -123,11 +123,14 @@ def total_steps(values: Mapping[str, Any], train_examples: int | None) -> int:
     return max(1, math.ceil(values["total_epochs"] * train_examples / batch))
 
 
-def resolve_total_steps(values: Mapping[str, Any]) -> int:
-    """total_steps(), reading the training source's size only when the length is in epochs."""
+def resolve_total_steps(values: Mapping[str, Any], train_input: InputConfig | None = None) -> int:
+    """total_steps(), reading the training source's size only when the length is in epochs.
+
+    train_input: the config's input block already validated, if the caller has it.
+    """
     train_examples = None
     if values.get("total_epochs") is not None:
-        train_input = validate_input_config(values["input"])
+        train_input = train_input or validate_input_config(values["input"])
         source = make_source(train_input.source_name, **train_input.source_options)
         train_examples = source.num_examples()
     return total_steps(values, train_examples)

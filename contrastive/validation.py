@@ -71,7 +71,7 @@ def validate_config(config) -> dict:
         if task == "contrastive":
             _check_loss_against_model(values, problems)
         param_shapes = _check_model_and_objective(values, inputs.get("input"), problems)
-        _check_optimizer(values, param_shapes, problems)
+        _check_optimizer(values, inputs.get("input"), param_shapes, problems)
     _check_files(values, problems)
     problems.raise_if_any()
     return values
@@ -360,7 +360,9 @@ def _batch_shapes(values: dict, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
 RUN_LENGTH_UNKNOWN = 2**62
 
 
-def _check_optimizer(values: dict, param_shapes, problems: Problems) -> None:
+def _check_optimizer(
+    values: dict, train: InputConfig | None, param_shapes, problems: Problems
+) -> None:
     """The optimizer block against the run length, and its regexes against the parameter names
     when the model could be built."""
     optim = values.get("optim")
@@ -368,20 +370,19 @@ def _check_optimizer(values: dict, param_shapes, problems: Problems) -> None:
         return
     if not any(values.get(key) is not None for key in config_schema.DURATIONS):
         return
-    try:
-        num_steps = resolve_total_steps(values)
-    except ConfigError:
+    if train is None and values.get("total_epochs") is not None:
         # An epoch length needs a valid input block, whose problems are reported already. The
         # optimizer's own keys are still checked; the rules that need the run length (warmup
         # against total steps) wait until it can be known.
-        num_steps = None
-    except (ValueError, OSError) as error:
-        problems.add("total_epochs", error)
-        return
+        num_steps = RUN_LENGTH_UNKNOWN
+    else:
+        try:
+            num_steps = resolve_total_steps(values, train)
+        except (ValueError, OSError) as error:
+            problems.add("total_epochs", error)
+            return
     try:
-        if num_steps is None:
-            validate_optim_config(dict(optim), RUN_LENGTH_UNKNOWN)
-        elif param_shapes is None:
+        if num_steps == RUN_LENGTH_UNKNOWN or param_shapes is None:
             validate_optim_config(dict(optim), num_steps)
         else:
             make_optimizer(dict(optim), num_steps, param_shapes)

@@ -39,8 +39,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from data.config_blocks import (
-    ConfigError,
-    build_block,
+    build_or_raise,
     int_at_least,
     optional,
     setting,
@@ -116,8 +115,6 @@ def validate_input_config(block: Any, where: str = "input") -> InputConfig:
     Raises ConfigError naming unknown keys, missing keys, wrongly typed values, bad ranges,
     unknown sources or source options, and op-string errors.
     """
-    config, problems = build_block(InputConfig, block, where)
-    if problems:
-        raise ConfigError(problems)
+    config = build_or_raise(InputConfig, block, where)
     # A plain dict of its own, whatever mapping the config held.
     return dataclasses.replace(config, source=dict(_plain(config.source)))

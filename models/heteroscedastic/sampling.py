@@ -39,13 +39,11 @@ class Sampling:
 
     def __post_init__(self):
         # The block's checks (data.config_blocks.build_block reports them, all at once).
-        problems = [
-            f"{name}={getattr(self, name)!r}: expected an integer >= 1"
-            for name in ("train_samples", "eval_samples", "chunk_size")
-            if isinstance(getattr(self, name), bool)
-            or not isinstance(getattr(self, name), int)
-            or getattr(self, name) < 1
-        ]
+        problems = []
+        for name in ("train_samples", "eval_samples", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name}={value!r}: expected an integer >= 1")
         if not isinstance(self.share_across_batch, bool):
             problems.append(
                 f"share_across_batch={self.share_across_batch!r}: expected True or False"
