@@ -143,7 +143,7 @@ def train(config, workdir: str) -> TrainResult:
     values = validate_config(config)
     workdir = storage.absolute(str(workdir))
     train_input = validate_input_config(values["input"])
-    num_steps = resolve_total_steps(values)
+    num_steps = resolve_total_steps(values, train_input)
 
     # --- Mesh and input
     mesh = make_mesh(values.get("mesh"))
