@@ -249,8 +249,23 @@ class LocalBatchIterator(Iterator[Batch]):
 
     def _restart(self, start: InputPosition, skipped: list[int], probe: bool = False) -> None:
         self.dataset = self._dataset(start, skipped, probe)
+        self._dataset_start = StreamState(start, tuple(skipped))
         self._iterator = iter(self.dataset)
-        self._state = StreamState(start, tuple(skipped))
+        self._state = self._dataset_start
+
+    def rewind(self) -> None:
+        """Goes back to the start of the input (the first batch of its first epoch), as a newly
+        built iterator would be, with zero skipped counts.
+
+        An evaluation reads its split once per evaluation: rewinding reuses the pipeline built
+        for the first pass instead of tracing the op string and probing the records again
+        (a second or two each time)."""
+        start = StreamState(InputPosition(), (0,) * len(BAD_RECORD_REASONS))
+        if self._dataset_start != start:  # built to resume elsewhere (set_state)
+            self._restart(start.position, list(start.skipped))
+            return
+        self._iterator = iter(self.dataset)
+        self._state = start
 
     def __next__(self) -> Batch:
         batch = next(self._iterator)

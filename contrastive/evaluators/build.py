@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import tensorflow as tf
 from jax.sharding import Mesh
 
@@ -39,7 +40,7 @@ from contrastive.experiment import sampling_from_config
 from data.config import InputConfig, validate_input_config
 from data.config_blocks import ConfigError
 from data.ops import PP_OPS
-from data.pipeline import make_local_iterator
+from data.pipeline import LocalBatchIterator, make_local_iterator
 from data.preprocess import parse_pp
 from data.tokenizers import make_tokenizer
 from data.zeroshot_texts import classnames_and_templates, clip_templates, zero_shot_prompts
@@ -123,12 +124,12 @@ def build_evaluator(
     image_size = values["model"]["image_size"]
 
     if kind == "classification":
-        _check_eval_input(name, eval_input, image_size, ("label",))
-        return ClassificationEvaluator(model, _batches(eval_input, ("label",)), local_batch, mesh)
+        batches = _checked_eval_input(name, eval_input, image_size, ("label",))
+        return ClassificationEvaluator(model, batches, local_batch, mesh)
 
     text = _checked_text_encoding(name, block, values)
     if kind == "retrieval":
-        _check_eval_input(name, eval_input, image_size, ("text",), text.length)
+        batches = _checked_eval_input(name, eval_input, image_size, ("text",), text.length)
         if _tokenize_options(eval_input.pp) != (text.tokenizer, text.add_eos):
             raise ConfigError(
                 f"evals.{name}.input tokenizes captions otherwise than the training input: "
@@ -137,13 +138,13 @@ def build_evaluator(
             )
         return RetrievalEvaluator(
             model,
-            _batches(eval_input, ("text",)),
+            batches,
             local_batch,
             mesh,
             max_pairs=checked.max_pairs,
         )
 
-    _check_eval_input(name, eval_input, image_size, ("label",))
+    batches = _checked_eval_input(name, eval_input, image_size, ("label",))
     classnames, templates = zeroshot_texts(block)
     prompts = zero_shot_prompts(classnames, templates)
     tokenizer = make_tokenizer(text.tokenizer, add_eos=text.add_eos)
@@ -153,7 +154,7 @@ def build_evaluator(
             model,
             tokens,
             len(classnames),
-            _batches(eval_input, ("label",)),
+            batches,
             local_batch,
             mesh,
             monte_carlo=monte_carlo_options(values) if checked.monte_carlo else None,
@@ -193,16 +194,18 @@ def _local_batch_size(name: str, eval_input: InputConfig, mesh: Mesh) -> int:
     return batch // processes
 
 
-def _check_eval_input(
+def _checked_eval_input(
     name: str,
     eval_input: InputConfig,
     image_size: int,
     needs: tuple[str, ...],
     text_length: int | None = None,
-) -> None:
-    """Compares what the eval input yields with what the model takes. Building the pipeline
+) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+    """Builds this process's pipeline of the eval input, compares what it yields with what the
+    model takes, and returns a factory of passes over it (see _passes). Building the pipeline
     traces its op string and reads records until one survives (no batch is read)."""
-    spec = make_local_iterator(eval_input, 0, 1).dataset.element_spec
+    local = make_local_iterator(eval_input)
+    spec = local.dataset.element_spec
     where = f"evals.{name}.input"
     missing = [key for key in needs if key not in spec]
     if missing:
@@ -218,14 +221,19 @@ def _check_eval_input(
             f"{where} yields {spec['text'].shape[-1]} tokens per caption, the model was trained "
             f"on {text_length} (model.text_length)"
         )
+    return _passes(local, needs)
 
 
-def _batches(eval_input: InputConfig, keys: tuple[str, ...]):
-    """A factory of fresh passes over this process's share, carrying only what is used."""
+def _passes(
+    local: LocalBatchIterator, keys: tuple[str, ...]
+) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+    """A factory of passes over this process's share from its start, carrying only what is
+    used. Every pass rewinds the one pipeline (an evaluation never runs two passes at once)."""
     wanted = ("image", *keys)
 
     def batches():
-        for batch in make_local_iterator(eval_input):
+        local.rewind()
+        for batch in local:
             yield {key: batch[key] for key in wanted}
 
     return batches

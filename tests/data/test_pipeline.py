@@ -16,7 +16,13 @@ from data.pipeline import (
 )
 from data.tfrecords import encode_example
 from data.tokenizers import train_sentencepiece
-from tests.data.helpers import encode_image, fashion_config, make_fashion_dir, tfrecord_config
+from tests.data.helpers import (
+    encode_image,
+    fashion_config,
+    make_fashion_dir,
+    tfrecord_config,
+    write_records,
+)
 
 # Decoded Fashion-MNIST keeps 28x28, so pixel (0, 0) still holds the example's index.
 INDEX_PP = "decode|value_range(0, 255)|tokenize(max_len=20)"
@@ -72,6 +78,38 @@ def test_restored_iterator_continues_with_the_next_batch(fashion_dir):
     take(resumed, 2)  # a restore overrides wherever the new iterator was
     resumed.set_state(state)
     assert_same_batches(take(resumed, 6), expected)
+
+
+def test_a_rewound_iterator_starts_over_like_a_new_one(fashion_dir):
+    config = fashion_config(fashion_dir)  # shuffled, with a random flip
+    fresh = take(make_local_iterator(config, 0, 1), 7)
+    iterator = make_local_iterator(config, 0, 1)
+    take(iterator, 7)  # into the second epoch
+    iterator.rewind()
+    assert_same_batches(take(iterator, 7), fresh)
+    # Restored elsewhere, then rewound: back to the first batch all the same.
+    state = iterator.get_state()
+    iterator.set_state(state)
+    iterator.rewind()
+    assert_same_batches(take(iterator, 7), fresh)
+
+
+def test_a_finite_pass_rewinds_to_the_same_batches_and_counts_from_zero(tmp_path):
+    bad = b"this is not a tf.train.Example"
+    good = [
+        encode_example(encode_image(np.full((4, 4, 3), i, np.uint8)), f"c {i}") for i in range(5)
+    ]
+    files = str(tmp_path / "pairs.tfrecord")
+    write_records(files, [good[0], bad, *good[1:]])
+    config = tfrecord_config(files, num_epochs=1, batch_size=2, shuffle_buffer=0)
+    iterator = make_local_iterator(config, 0, 1)
+    first = list(iterator)
+    assert [len(b["image"]) for b in first] == [2, 2, 1]
+    assert sum(iterator.skipped().values()) == 1
+    iterator.rewind()
+    assert sum(iterator.skipped().values()) == 0
+    assert_same_batches(list(iterator), first)
+    assert sum(iterator.skipped().values()) == 1
 
 
 def test_state_size_does_not_grow_with_the_step(fashion_dir):

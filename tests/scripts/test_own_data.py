@@ -60,7 +60,8 @@ def test_own_captions_train_with_the_pretrain_config(tmp_path, capsys):
     assert report["shapes"]["text"] == [[8, 8], "int32"]
 
     workdir = tmp_path / "run"
-    assert train.main(["--config", small, "--workdir", str(workdir)]) == 0
+    one_block = ["--config.model.image_tower.depth=1", "--config.model.text_tower.depth=1"]
+    assert train.main(["--config", small, *one_block, "--workdir", str(workdir)]) == 0
     saved = json.loads((workdir / "config.json").read_text())
     # Shapes and vocabulary were derived from the op string and the MiniLM tokenizer.
     assert saved["model"]["image_size"] == 16 and saved["model"]["text_length"] == 8
