@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from data.no_autograph import no_autograph
 from data.source_base import (
     WINDOW_SEED_TAG,
     Share,
@@ -150,7 +151,9 @@ def ordered_records(
 
     def groups_of(epoch: tf.Tensor) -> tf.data.Dataset:
         first = tf.where(epoch == start.epoch, tf.constant(start.group, tf.int64), 0)
-        return tf.data.Dataset.range(first, num_groups).map(lambda group: (epoch, group))
+        return tf.data.Dataset.range(first, num_groups).map(
+            no_autograph(lambda group: (epoch, group))
+        )
 
     def windows_of(epoch: tf.Tensor, group: tf.Tensor) -> tf.data.Dataset:
         at_start = tf.logical_and(epoch == start.epoch, group == start.group)
@@ -159,7 +162,7 @@ def ordered_records(
         elements = source.read(group_shards(table, order, group, group_size))
         windows = elements.skip(first_window * window_size).batch(window_size)
         return windows.enumerate(start=first_window).map(
-            lambda window, records: (tf.stack([epoch, group, window]), records)
+            no_autograph(lambda window, records: (tf.stack([epoch, group, window]), records))
         )
 
     def assign_positions(first: tf.Tensor, item: Any) -> tuple[tf.Tensor, Any]:
@@ -191,8 +194,8 @@ def ordered_records(
             COORDS_KEY: tf.boolean_mask(all_coords, keep),
         }
 
-    windows = tf.data.Dataset.range(start.epoch, end_epoch).flat_map(groups_of)
-    windows = windows.flat_map(windows_of)
+    windows = tf.data.Dataset.range(start.epoch, end_epoch).flat_map(no_autograph(groups_of))
+    windows = windows.flat_map(no_autograph(windows_of))
     if num_epochs is not None:
         coords_spec, records_spec = windows.element_spec
         one_placeholder = tf.nest.map_structure(
@@ -203,8 +206,10 @@ def ordered_records(
         windows = windows.concatenate(tf.data.Dataset.from_tensors((end, one_placeholder)))
     windows = (
         # Window k of the start group begins `index` records before the anchor record.
-        windows.scan(tf.constant(start.position - start.index, tf.int64), assign_positions)
-        .map(arrange)
+        windows.scan(
+            tf.constant(start.position - start.index, tf.int64), no_autograph(assign_positions)
+        )
+        .map(no_autograph(arrange))
         .prefetch(1)
     )
     return windows.unbatch()

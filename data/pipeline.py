@@ -67,6 +67,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.config import InputConfig, validate_input_config
+from data.no_autograph import no_autograph
 from data.order import (
     COORDS_KEY,
     POSITION_KEY,
@@ -126,12 +127,6 @@ class StreamState:
 
     position: InputPosition
     skipped: tuple[int, ...]
-
-
-def _not_convert(fn: Callable[..., Any]) -> Callable[..., Any]:
-    # The pipeline's functions have no Python control flow on tensors; skipping autograph saves
-    # tracing.
-    return tf.autograph.experimental.do_not_convert(fn)
 
 
 class LocalBatchIterator(Iterator[Batch]):
@@ -197,11 +192,11 @@ class LocalBatchIterator(Iterator[Batch]):
         if probe:
             self._probe(process)
         parallel = {"num_parallel_calls": tf.data.AUTOTUNE, "deterministic": True}
-        ds = records.map(_not_convert(process), **parallel).ignore_errors()
+        ds = records.map(no_autograph(process), **parallel).ignore_errors()
         first_index = self.selection.kept_before(tf.constant(start.next_position, tf.int64))
         initial = (first_index - 1, tf.constant(skipped, tf.int64))
-        ds = ds.scan(initial, _not_convert(count_skipped_fn(self.selection)))
-        ds = ds.filter(_not_convert(is_good))
+        ds = ds.scan(initial, no_autograph(count_skipped_fn(self.selection)))
+        ds = ds.filter(no_autograph(is_good))
         # Training repeats forever and needs fixed shapes; a finite pass (evaluation) keeps the
         # last, short batch, which evaluators pad and mask.
         finite = cfg.num_epochs is not None
@@ -223,7 +218,7 @@ class LocalBatchIterator(Iterator[Batch]):
                 POSITION_KEY: batch[POSITION_KEY][-1],
             }
 
-        ds = ds.map(_not_convert(close_batch))
+        ds = ds.map(no_autograph(close_batch))
         if cfg.prefetch:
             ds = ds.prefetch(cfg.prefetch)
         options = tf.data.Options()
@@ -233,12 +228,14 @@ class LocalBatchIterator(Iterator[Batch]):
     def _probe(self, process: Callable[[dict[str, Any]], dict[str, tf.Tensor]]) -> None:
         one_pass = self.source.records(self.process_index, self.process_count, self.cfg.seed)
         stream = one_pass.enumerate().map(
-            lambda position, element: process(
-                {
-                    RAW_KEY: element,
-                    POSITION_KEY: position,
-                    COORDS_KEY: tf.zeros([4], tf.int64),
-                }
+            no_autograph(
+                lambda position, element: process(
+                    {
+                        RAW_KEY: element,
+                        POSITION_KEY: position,
+                        COORDS_KEY: tf.zeros([4], tf.int64),
+                    }
+                )
             )
         )
         check_has_valid_record(

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from data.captions import CaptionBank
+from data.no_autograph import no_autograph
 
 ShardTable = dict[str, np.ndarray]
 
@@ -83,7 +84,9 @@ class Source(abc.ABC):
         order = shard_permutation(share.num_shards, seed, tf.constant(0, tf.int64), shuffle=True)
         group_size = min(self.group_size, share.num_shards)
         groups = tf.data.Dataset.range(-(-share.num_shards // group_size))
-        ds = groups.flat_map(lambda group: self.read(group_shards(table, order, group, group_size)))
+        ds = groups.flat_map(
+            no_autograph(lambda group: self.read(group_shards(table, order, group, group_size)))
+        )
         if share.example_level:
             ds = ds.shard(process_count, process_index)
         return ds
