@@ -112,6 +112,31 @@ def test_a_finite_pass_rewinds_to_the_same_batches_and_counts_from_zero(tmp_path
     assert sum(iterator.skipped().values()) == 1
 
 
+def test_no_dataset_function_goes_through_autograph(fashion_dir, tmp_path, monkeypatch):
+    from tensorflow.python.autograph.impl import api as autograph_api
+
+    converted = []
+    transform = autograph_api._TRANSPILER.transform
+
+    def recording_transform(entity, *args, **kwargs):
+        converted.append(getattr(entity, "__qualname__", repr(entity)))
+        return transform(entity, *args, **kwargs)
+
+    monkeypatch.setattr(autograph_api._TRANSPILER, "transform", recording_transform)
+    # Random ops, a training order, a finite pass with the end marker, TFRecords with a bad one.
+    take(make_local_iterator(fashion_config(fashion_dir), 0, 1), 2)
+    records = [encode_example(encode_image(np.zeros((4, 4, 3), np.uint8)), "c")] * 3
+    files = write_records(tmp_path / "pairs.tfrecord", [*records, b"not an example"])
+    config = tfrecord_config(
+        files,
+        "decode|inception_crop(8)|flip_lr|value_range(-1, 1)|tokenize(max_len=8)",
+        num_epochs=1,
+        batch_size=2,
+    )
+    list(make_local_iterator(config, 0, 1))
+    assert converted == []
+
+
 def test_state_size_does_not_grow_with_the_step(fashion_dir):
     iterator = make_local_iterator(fashion_config(fashion_dir), 0, 1)
     take(iterator, 2)
