@@ -406,6 +406,23 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
     ),
     Mutation(
+        "pipeline_rewind_keeps_the_skipped_counts",
+        "data/pipeline.py",
+        "start = StreamState(InputPosition(), (0,) * len(BAD_RECORD_REASONS))",
+        "start = StreamState(InputPosition(), self._state.skipped)",
+        (
+            "tests/data/test_pipeline.py::"
+            "test_a_finite_pass_rewinds_to_the_same_batches_and_counts_from_zero",
+        ),
+    ),
+    Mutation(
+        "order_arrange_goes_through_autograph",
+        "data/order.py",
+        ".map(no_autograph(arrange))",
+        ".map(arrange)",
+        ("tests/data/test_pipeline.py::test_no_dataset_function_goes_through_autograph",),
+    ),
+    Mutation(
         "vit_gap_pools_the_first_token",
         "models/vit.py",
         "pooled, encoded = jnp.mean(x, axis=1), x",
