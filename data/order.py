@@ -151,9 +151,7 @@ def ordered_records(
 
     def groups_of(epoch: tf.Tensor) -> tf.data.Dataset:
         first = tf.where(epoch == start.epoch, tf.constant(start.group, tf.int64), 0)
-        return tf.data.Dataset.range(first, num_groups).map(
-            no_autograph(lambda group: (epoch, group))
-        )
+        return tf.data.Dataset.range(first, num_groups).map(lambda group: (epoch, group))
 
     def windows_of(epoch: tf.Tensor, group: tf.Tensor) -> tf.data.Dataset:
         at_start = tf.logical_and(epoch == start.epoch, group == start.group)
@@ -162,7 +160,7 @@ def ordered_records(
         elements = source.read(group_shards(table, order, group, group_size))
         windows = elements.skip(first_window * window_size).batch(window_size)
         return windows.enumerate(start=first_window).map(
-            no_autograph(lambda window, records: (tf.stack([epoch, group, window]), records))
+            lambda window, records: (tf.stack([epoch, group, window]), records)
         )
 
     def assign_positions(first: tf.Tensor, item: Any) -> tuple[tf.Tensor, Any]:

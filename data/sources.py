@@ -18,7 +18,6 @@ import tensorflow_datasets as tfds
 from data.captions import CaptionBank, forbidden_captions, generic_class_captions
 from data.fashion_mnist import FashionMnistSource
 from data.image_folder import ImageFolderSource
-from data.no_autograph import no_autograph
 from data.registry import Registry
 from data.source_base import ShardTable, Source
 from data.tfrecords import TFRecordSource
@@ -111,19 +110,15 @@ class TfdsSource(Source):
     def read(self, shards: dict[str, tf.Tensor]) -> tf.data.Dataset:
         """Records of the file ranges, one from each range in turn, deserialized."""
         ds = tf.data.Dataset.from_tensor_slices(shards).interleave(
-            no_autograph(
-                lambda shard: (
-                    tf.data.TFRecordDataset(shard["file"]).skip(shard["skip"]).take(shard["take"])
-                )
+            lambda shard: (
+                tf.data.TFRecordDataset(shard["file"]).skip(shard["skip"]).take(shard["take"])
             ),
             cycle_length=self.group_size,
             block_length=1,
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-        return ds.map(
-            no_autograph(self._deserialize), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-        )
+        return ds.map(self._deserialize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def _deserialize(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         features = self.builder.info.features

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from data.no_autograph import no_autograph
 from data.pair_readers import InputError, Row, RowError, clean_caption, detect_format, read_pairs
 from data.records import MISSING
 from data.source_base import ShardTable, Source
@@ -242,7 +241,7 @@ class TFRecordSource(Source):
         raw records."""
         return tf.data.Dataset.from_tensor_slices(shards["file"]).interleave(
             # A truncated file ends at its last whole record instead of failing the group.
-            no_autograph(lambda file: tf.data.TFRecordDataset(file).ignore_errors()),
+            lambda file: tf.data.TFRecordDataset(file).ignore_errors(),
             cycle_length=self.group_size,
             block_length=1,
             num_parallel_calls=tf.data.AUTOTUNE,
