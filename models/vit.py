@@ -3,7 +3,8 @@
 Module and parameter names follow google-research/big_vision's `models/vit.py` so that its `.npz`
 checkpoints load by name (see `models/pretrained.py`):
 
-    embedding/{kernel,bias}              patch embedding, a [P, P, 3, D] convolution
+    stem_{i}/{kernel,bias}               optional 3x3 convolutions before the patch embedding
+    embedding/{kernel,bias}              patch embedding, a [P, P, C, D] convolution
     pos_embedding                        [1, 1 + N, D] or [1, N, D] (see below), "learn" only
     cls                                  [1, 1, D], class token ("tok" pooling) only
     Transformer/encoderblock_{i}/...     one block per layer (python loop), or
@@ -257,10 +258,16 @@ class ViT(nn.Module):
     has its own row in the learned position table, [1, 1 + N, D] vs [1, N, D]. It only matters
     with `pool_type="tok"` and `posemb="learn"`; otherwise there is no class token or no learned
     table, and the flag has no effect.
+
+    `stem_channels` (default none) puts 3x3 stride-1 convolutions with GELU before the patch
+    embedding, one per entry: each token then sees edges and strokes rather than a linear mix of
+    raw pixels, at the same token count (the "convolutional stem" of arXiv:2106.14881, here at
+    full resolution for small images). big_vision's checkpoints have none.
     """
 
     num_classes: int | None = None
     patch_size: Sequence[int] = (16, 16)
+    stem_channels: Sequence[int] = ()
     width: int = 768
     depth: int = 12
     mlp_dim: int | None = None
@@ -288,6 +295,12 @@ class ViT(nn.Module):
             )
         aux: dict[str, jax.Array] = {}
 
+        x = jnp.asarray(images, self.dtype_mm)
+        for index, channels in enumerate(self.stem_channels):
+            x = nn.Conv(
+                channels, (3, 3), padding="SAME", name=f"stem_{index}", dtype=self.dtype_mm
+            )(x)
+            x = nn.gelu(x)
         x = nn.Conv(
             self.width,
             tuple(self.patch_size),
@@ -295,7 +308,7 @@ class ViT(nn.Module):
             padding="VALID",
             name="embedding",
             dtype=self.dtype_mm,
-        )(jnp.asarray(images, self.dtype_mm))
+        )(x)
         batch, grid_h, grid_w, width = x.shape
         x = jnp.reshape(x, [batch, grid_h * grid_w, width])
 

@@ -161,8 +161,25 @@ def np_sincos_posemb(h, w, dim):
     return table[None]
 
 
+def np_conv3x3_same(images, kernel, bias):
+    """A 3x3 stride-1 convolution with zero padding, one output pixel at a time."""
+    batch, height, width, _ = images.shape
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((batch, height, width, kernel.shape[-1]))
+    for row in range(height):
+        for col in range(width):
+            window = padded[:, row : row + 3, col : col + 3, :]
+            out[:, row, col] = np.einsum("bhwc,hwco->bo", window, kernel) + bias
+    return out
+
+
 def np_vit(params, images, patch, depth, pool, posemb, posemb_cls=True):
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    index = 0
+    while f"stem_{index}" in p:
+        stem = p[f"stem_{index}"]
+        images = np_gelu(np_conv3x3_same(images, stem["kernel"], stem["bias"]))
+        index += 1
     batch, height, width, channels = images.shape
     gh, gw = height // patch, width // patch
     patches = images.reshape(batch, gh, patch, gw, patch, channels).transpose(0, 1, 3, 2, 4, 5)
@@ -223,6 +240,24 @@ def test_forward_matches_numpy_reference(pool, posemb, posemb_cls):
         assert params["pos_embedding"].shape == (1, class_row + 9, 32)
     assert ("cls" in params) == (pool == "tok")
     assert ("MAPHead_0" in params) == (pool == "map")
+
+
+def test_convolutional_stem_matches_numpy_reference():
+    model = vit.Model(**TINY, pool_type="gap", stem_channels=(5, 3))
+    images = tiny_images()
+    params = model.init(jax.random.key(1), images)["params"]
+    assert params["stem_0"]["kernel"].shape == (3, 3, 3, 5)
+    assert params["stem_1"]["kernel"].shape == (3, 3, 5, 3)
+    assert params["embedding"]["kernel"].shape == (4, 4, 3, 32)
+    # Non-zero biases: flax initialises them to zeros, which would hide a dropped bias.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf + 0.1 if "stem" in jax.tree_util.keystr(path) else leaf, params
+    )
+    features, _ = model.apply({"params": params}, images)
+    expected = np_vit(params, np.asarray(images, np.float64), 4, 2, "gap", "learn")
+    np.testing.assert_allclose(features, expected, atol=2e-5, rtol=2e-5)
+    without = vit.Model(**TINY, pool_type="gap").init(jax.random.key(1), images)["params"]
+    assert not any(name.startswith("stem") for name in without)  # big_vision's layout
 
 
 def test_class_token_posemb_row_is_the_only_difference_between_layouts():
