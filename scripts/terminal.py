@@ -11,7 +11,9 @@ errors are still raised and printed afterwards.
 
 Orbax logs every failure of a checkpoint write at error level, with tracebacks, from each of its
 background threads, and then raises it; contrastive/checkpoint.py turns what it raises into one
-line (CheckpointWriteError), so without -v orbax's own log records are not shown.
+line (CheckpointWriteError), so without -v orbax's own log records are not shown. When one array
+write of a checkpoint fails, orbax abandons the writes of the others that had not started yet;
+Python then warns at exit that those coroutines were never awaited, which is not shown either.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 
@@ -53,6 +56,11 @@ def quiet_libraries(verbose: bool = False) -> None:
     absl_logger.addFilter(_not_from_orbax)
     # Orbax's writes run as asyncio tasks; asyncio logs a failed one that nobody awaited.
     logging.getLogger("asyncio").addFilter(_not_from_orbax)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"coroutine '.*async_serialize.*' was never awaited",
+        category=RuntimeWarning,
+    )
     with _stderr_to_devnull():
         import tensorflow  # noqa: F401
         import tensorflow_text  # noqa: F401
