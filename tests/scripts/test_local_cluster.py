@@ -36,8 +36,11 @@ local = np.full((jax.local_device_count(),), jax.process_index() + 1.0, np.float
 values = jax.make_array_from_process_local_data(jax.NamedSharding(mesh, jax.P("data")), local)
 total = jax.jit(jnp.sum, out_shardings=jax.NamedSharding(mesh, jax.P()))(values)
 ids = multihost_utils.process_allgather(np.int32(jax.process_index()))
-print(f"process {jax.process_index()} of {jax.process_count()}: devices {jax.device_count()} "
-      f"local {jax.local_device_count()} sum {float(total)} ids {ids.tolist()}")
+# One write: print() writes the newline separately when Python runs unbuffered, and gloo's own
+# "connected to peer ranks" lines, written from its threads, could land between the two.
+sys.stdout.write(f"process {jax.process_index()} of {jax.process_count()}: devices "
+                 f"{jax.device_count()} local {jax.local_device_count()} sum {float(total)} "
+                 f"ids {ids.tolist()}\\n")
 """
 )
 
