@@ -50,6 +50,7 @@ A trainer uses it as
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from typing import Any
@@ -85,6 +86,7 @@ METADATA_ITEM = "metadata"
 MIN_REPLICA_PARALLEL_BYTES = 1 << 20
 
 
+@functools.cache  # orbax's handler registry is global: once per process is enough
 def _write_small_arrays_whole() -> None:
     ocp.type_handlers.register_type_handler(
         jax.Array,

@@ -6,19 +6,24 @@ XLA reads these flags when the backend starts, so they must be set before jax is
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
-if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    # The tests' programs are tiny, so compiling them costs far more than running them: LLVM's
-    # cheapest level compiles about a quarter faster. Matmuls run in XLA's precompiled kernels
-    # either way, and every numerical test compares with a reference at its own tolerance.
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
-if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
-    # XLA's newer MLIR fusion emitters take over twice as long to compile a tiny model's train
-    # step as the older LLVM IR emitters (7.6 s against 3.2 s for the demo's towers cut to one
-    # block); the tests compile hundreds of programs and run each a few times.
-    os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
+
+
+def _default_xla_flag(name: str, value: str) -> None:
+    """Adds --name=value to XLA_FLAGS unless the environment already sets that flag."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if name not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --{name}={value}".strip()
+
+
+_default_xla_flag("xla_force_host_platform_device_count", "8")
+# The tests' programs are tiny, so compiling them costs far more than running them: LLVM's
+# cheapest level compiles about a quarter faster. Matmuls run in XLA's precompiled kernels
+# either way, and every numerical test compares with a reference at its own tolerance.
+_default_xla_flag("xla_backend_optimization_level", "0")
+# XLA's newer MLIR fusion emitters take over twice as long to compile a tiny model's train
+# step as the older LLVM IR emitters (7.6 s against 3.2 s for the demo's towers cut to one
+# block); the tests compile hundreds of programs and run each a few times.
+_default_xla_flag("xla_cpu_use_fusion_emitters", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Many tests compile the same programs (a tiny config's train step in several runs, the same
