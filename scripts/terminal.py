@@ -25,6 +25,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 
 def positive_int(text: str) -> int:
@@ -104,8 +105,9 @@ def _stderr_to_devnull():
 QUIET_FAILURES = {"FloatingPointError": 3, "DamagedCheckpoint": 4, "CheckpointWriteError": 5}
 
 
-def run(main: Callable[[], int | None]) -> int:
-    """Runs an entry point's main as a program and returns its exit status.
+def run(main: Callable[[], Any]) -> int:
+    """Runs an entry point's main as a program and returns its exit status: main's own when it
+    returns an int, else 0 (zeroshot_eval's main returns its report, for Python callers).
 
     First, before any library starts a thread, glibc malloc is tuned for XLA's CPU runtime
     (scripts/host_memory.py; HETXL_KEEP_HOST_MEMORY=0 opts out), and asyncio's reports of
@@ -122,7 +124,7 @@ def run(main: Callable[[], int | None]) -> int:
     keep_host_memory()
     sys.unraisablehook = _without_closed_loop_reports(sys.unraisablehook)
     try:
-        return main() or 0
+        status = main()
     except Exception as error:
         from data.config_blocks import ConfigError  # the entry point has imported it by now
 
@@ -139,6 +141,8 @@ def run(main: Callable[[], int | None]) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return status
+    # sys.exit of anything but an int prints it and exits 1: a report must not read as a failure.
+    return status if isinstance(status, int) else 0
 
 
 def _without_closed_loop_reports(hook: Callable) -> Callable:
