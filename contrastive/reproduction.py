@@ -148,6 +148,8 @@ def run_overrides(claim: str, arm: Arm, settings: Settings, seed: int) -> list[s
     ]
     overrides += [f"model.{t}.{key}={value}" for t in towers for key, value in tower.items()]
     if claim == "contrastive":
+        # Plain ViTs of --width/--depth: the demo's convolutional stem is not part of them.
+        overrides.append("model.image_tower.stem_channels=()")
         overrides.append(f"model.embed_dim={settings.embed_dim}")
     else:  # classify.py warms up for 100 steps of 2,000; keep its tenth of the run
         overrides.append(f"optim.schedule.warmup_steps={steps // 10}")

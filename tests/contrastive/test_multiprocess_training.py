@@ -35,6 +35,7 @@ def get_config(arg=None):
     config = demo.get_config("data_dir={data_dir},batch=64")
     for tower in (config.model.image_tower, config.model.text_tower):
         tower.update(width=64, depth=1, mlp_dim=128, num_heads=1)
+    config.model.image_tower.stem_channels = ()
     config.model.embed_dim = 32
     config.total_epochs = None
     config.total_steps = {steps}

@@ -136,6 +136,7 @@ TINY_DEMO = [
     for tower in ("image_tower", "text_tower")
     for key, value in (("width", 32), ("depth", 1), ("mlp_dim", 64), ("num_heads", 2))
 ] + [
+    "--config.model.image_tower.stem_channels=()",
     "--config.model.embed_dim=16",
     "--config.model.noise.num_factors=2",
     "--config.sampling.train_samples=2",

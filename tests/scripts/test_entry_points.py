@@ -117,6 +117,7 @@ def tiny_demo_overrides(hetxl: bool) -> list[str]:
         for tower in ("image_tower", "text_tower")
         for key, value in (("width", 32), ("depth", 1), ("mlp_dim", 64), ("num_heads", 2))
     ]
+    overrides += ["--config.model.image_tower.stem_channels=()"]  # plain patches: cheaper
     overrides += ["--config.model.embed_dim=16", "--config.evals.zeroshot.input.batch_size=8"]
     if hetxl:
         overrides += ["--config.model.noise.num_factors=2", "--config.sampling.train_samples=2"]

@@ -27,6 +27,30 @@ def stats(values):
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "n": len(values)}
 
 
+def test_contrastive_runs_use_plain_vits_of_the_given_size(fashion_dir):
+    # The README's contrastive table was measured with plain patch embeddings: the demo's
+    # convolutional stem must not leak into the reproduction's towers.
+    from scripts.config_loader import load_config
+
+    settings = rp.Settings(
+        steps=4,
+        batch=16,
+        width=32,
+        depth=2,
+        embed_dim=16,
+        label_noise_confusable=0.4,
+        label_noise_other=0.05,
+        data_dir=str(fashion_dir),
+        tau_grid=(1.0,),
+    )
+    for arm in rp.arms("contrastive", settings):
+        spec = f"{arm.config_file}:{arm.config_arg}"
+        config = load_config(spec, rp.run_overrides("contrastive", arm, settings, seed=0))
+        image, text = config.model.image_tower, config.model.text_tower
+        assert tuple(image.stem_channels) == (), arm.name
+        assert (image.width, image.depth, text.width, text.depth) == (32, 2, 32, 2), arm.name
+
+
 def test_aggregate_is_the_seed_mean_and_sample_std_of_each_metric():
     rng = np.random.default_rng(0)
     runs = [{"seed": s, "top1": rng.random(), "nll": rng.random(), "wall_s": 9.0} for s in range(4)]
