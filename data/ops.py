@@ -59,6 +59,11 @@ def _next_seed(data: Example, op: str) -> tuple[tf.Tensor, Example]:
     return seed, {**data, RNG_KEY: rest}
 
 
+# Methods whose resize to the input's own size returns the input exactly (interpolating kernels
+# sampled at the pixel centres); lanczos is off by float rounding, gaussian and mitchellcubic blur.
+IDENTITY_AT_SAME_SIZE = frozenset({"bilinear", "nearest", "bicubic", "area"})
+
+
 def _check_resize_method(method: str, op: str) -> None:
     names = [m for m in dir(tf.image.ResizeMethod) if m.isupper()]
     known = sorted(getattr(tf.image.ResizeMethod, m) for m in names)
@@ -151,7 +156,8 @@ def resize(
     `size` is h = w or (h, w); `method` is a tf.image.ResizeMethod name. Antialiasing is on by
     default because large downscales (e.g. 512 -> 64) alias badly without it; it is skipped when
     the input is statically known not to shrink (28 -> 32), where it changes nothing but costs
-    twice the time.
+    twice the time. An image that already has the size (statically known) is only cast, where
+    the method would return it unchanged.
     """
     height, width = _size_hw(size)
     if height <= 0 or width <= 0:
@@ -161,6 +167,8 @@ def resize(
     def fn(data: Example) -> Example:
         image = _get(data, key, "resize")
         in_h, in_w = image.shape[0], image.shape[1]
+        if (in_h, in_w) == (height, width) and method in IDENTITY_AT_SAME_SIZE:
+            return {**data, key: tf.cast(image, tf.float32)}
         upscale_only = in_h is not None and in_w is not None and in_h <= height and in_w <= width
         resized = tf.image.resize(
             image, (height, width), method=method, antialias=antialias and not upscale_only

@@ -66,6 +66,7 @@ import tensorflow as tf
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data.batch_tokenize import record_spec, split_batch_tokenize
 from data.config import InputConfig, validate_input_config
 from data.no_autograph import no_autograph
 from data.order import (
@@ -160,6 +161,8 @@ class LocalBatchIterator(Iterator[Batch]):
         self.device_value_range: DeviceValueRange | None = None
         if uint8_images:
             self.pp_fn, self.device_value_range = split_device_value_range(self.pp_fn)
+        # Tokenize ops that can run on whole batches do, once per batch (data/batch_tokenize.py).
+        self.pp_fn, self.batch_pp_fn = split_batch_tokenize(self.pp_fn)
         # Processes sharing one stream share its seeds, so an example's augmentations do not
         # depend on the process that reads it.
         self.stream = stream_id(cfg.seed, 0 if self.global_order else process_index)
@@ -188,7 +191,9 @@ class LocalBatchIterator(Iterator[Batch]):
         )
         # Contract first (from traced shapes, no data read), then the probe (reads data).
         uint8 = self.device_value_range is not None
-        check_batch_contract(out_spec, tf.uint8 if uint8 else tf.float32)
+        check_batch_contract(
+            record_spec(self.batch_pp_fn, out_spec), tf.uint8 if uint8 else tf.float32
+        )
         if probe:
             self._probe(process)
         parallel = {"num_parallel_calls": tf.data.AUTOTUNE, "deterministic": True}
@@ -211,6 +216,8 @@ class LocalBatchIterator(Iterator[Batch]):
                 rows = tf.shape(batch[COORDS_KEY])[0]
                 rows -= tf.cast(is_end_marker(last_coords), tf.int32)
                 features = {k: v[:rows] for k, v in features.items()}
+            if self.batch_pp_fn is not None:
+                features = self.batch_pp_fn(features)
             return {
                 **features,
                 SKIPPED_KEY: batch[SKIPPED_KEY][-1],

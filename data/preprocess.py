@@ -12,6 +12,7 @@ op before returning, so a typo fails when the config is validated, not hours int
 from __future__ import annotations
 
 import ast
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -134,6 +135,15 @@ def parse_pp(pp: str, registry: Registry = PP_OPS) -> PreprocessFn:
             raise PreprocessError(f"{where}: {e}") from e
         ops.append((name, args, kwargs))
     return PreprocessFn(pp, ops, fns)
+
+
+def bound_arguments(
+    name: str, args: tuple[Any, ...], kwargs: dict[str, Any], registry: Registry = PP_OPS
+) -> dict[str, Any]:
+    """Every argument of the registered op `name` as an op string calls it, defaults included."""
+    bound = inspect.signature(registry.get(name)).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 def output_spec(fn: PreprocessFn, input_spec: dict[str, tf.TensorSpec]) -> dict[str, tf.TensorSpec]:

@@ -15,7 +15,6 @@ multiply-adds.)
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any
 
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.ops import PP_OPS
-from data.preprocess import PreprocessFn
+from data.preprocess import PreprocessFn, bound_arguments
 
 IMAGE_KEY = "image"
 
@@ -57,20 +56,13 @@ class DeviceValueRange:
         return {**batch, IMAGE_KEY: scaled}
 
 
-def _bound_arguments(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    signature = inspect.signature(PP_OPS.get(name))
-    bound = signature.bind(*args, **kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
 def split_device_value_range(pp_fn: PreprocessFn) -> tuple[PreprocessFn, DeviceValueRange | None]:
     """(host op string, device scaling) for uint8 transfer, or (pp_fn, None) when the last op
     that writes "image" is not a value_range from 0..255 without clipping."""
     image_ops = [
         index
         for index, (name, args, kwargs) in enumerate(pp_fn.ops)
-        if _bound_arguments(name, args, kwargs).get("key") == IMAGE_KEY
+        if bound_arguments(name, args, kwargs).get("key") == IMAGE_KEY
     ]
     if not image_ops:
         return pp_fn, None
@@ -78,7 +70,7 @@ def split_device_value_range(pp_fn: PreprocessFn) -> tuple[PreprocessFn, DeviceV
     name, args, kwargs = pp_fn.ops[last]
     if name != "value_range":
         return pp_fn, None
-    arguments = _bound_arguments(name, args, kwargs)
+    arguments = bound_arguments(name, args, kwargs)
     if arguments["clip"] or (arguments["in_min"], arguments["in_max"]) != (0.0, 255.0):
         return pp_fn, None
     ops = [*pp_fn.ops[:last], *pp_fn.ops[last + 1 :], ("to_uint8", (), {})]

@@ -125,6 +125,16 @@ def test_resize_keeps_a_constant_image_constant_both_ways():
     assert parse_pp("resize_small(10)")({"image": tf.constant(image)})["image"].shape == (13, 10, 3)
 
 
+@pytest.mark.parametrize("method", ["bilinear", "nearest", "bicubic", "area", "lanczos3"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_resize_to_the_own_size_gives_what_tf_image_resize_gives(method, dtype):
+    image = np.random.default_rng(0).integers(0, 256, (28, 20, 3)).astype(dtype)
+    out = parse_pp(f"resize((28, 20), method={method!r})")({"image": tf.constant(image)})["image"]
+    expected = tf.image.resize(image, (28, 20), method=method, antialias=False)
+    assert out.dtype == tf.float32
+    np.testing.assert_array_equal(out.numpy(), tf.cast(expected, tf.float32).numpy())
+
+
 def test_central_crop_is_the_centre_window():
     image = np.arange(6 * 8 * 1, dtype=np.uint8).reshape(6, 8, 1)
     out = parse_pp("central_crop((2, 4))")({"image": tf.constant(image)})["image"].numpy()
