@@ -230,6 +230,11 @@ class LocalBatchIterator(Iterator[Batch]):
             ds = ds.prefetch(cfg.prefetch)
         options = tf.data.Options()
         options.deterministic = True
+        if finite:
+            # An evaluation pass keeps its iterator between passes, and destroying it (at the
+            # next rewind) waits for tf.data's autotuning thread, which on a CPU busy training
+            # took 20-50 s instead of none. Without autotuning, AUTOTUNE means one call per core.
+            options.autotune.enabled = False
         return ds.with_options(options)
 
     def _probe(self, process: Callable[[dict[str, Any]], dict[str, tf.Tensor]]) -> None:
