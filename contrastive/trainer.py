@@ -55,9 +55,14 @@ __all__ = [
 
 @dataclasses.dataclass
 class TrainResult:
+    """evaluations: each evaluator's full report (its evaluate()) from an evaluation at the last
+    step, so a caller that wants the final report does not evaluate the same parameters again;
+    empty when the run resumed with nothing left to train or stopped early."""
+
     step: int
     preempted: bool
     metrics: dict
+    evaluations: dict = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,6 +218,7 @@ def train(config, workdir: str) -> TrainResult:
     logger = MetricLogger(workdir, resume_step=first_step)
     progress = Progress(num_steps, first_step, train_input.batch_size, mesh.size)
     last_metrics: dict = {}
+    final_evaluations: dict = {}
     preempted = False
     # Skipped updates counted up to the last log line; each line reports those since.
     nonfinite_logged = int(state.nonfinite_updates)
@@ -252,9 +258,12 @@ def train(config, workdir: str) -> TrainResult:
                     progress.line(step, float(metrics["loss"]), metrics["examples_per_sec"])
                 )
                 for name, evaluator in due_evals.items():
-                    results = evaluator.run(state.params)
+                    report = evaluator.evaluate(state.params)
+                    results = evaluator.log_scalars(report)
                     log_primary(f"step {step} | {name}: {format_metrics(results)}")
                     metrics.update(results)
+                    if is_last:
+                        final_evaluations[name] = report
                 progress.rate(step)  # evaluation time does not count against throughput
                 last_metrics = logger.write(step, metrics)
                 if due_evals and jax.process_index() == 0:
@@ -278,7 +287,7 @@ def train(config, workdir: str) -> TrainResult:
     checkpointer.wait_until_finished()
     checkpointer.close()
     logger.close()
-    return TrainResult(int(state.step), preempted, last_metrics)
+    return TrainResult(int(state.step), preempted, last_metrics, final_evaluations)
 
 
 # ----------------------------------------------------------------------------------------------

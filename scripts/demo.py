@@ -38,10 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     from contrastive.trainer import train
     from scripts import zeroshot_eval
 
+    config = load_config(args.config, overrides)
     start = time.perf_counter()
-    train(load_config(args.config, overrides), args.workdir)
+    result = train(config, args.workdir)
     train_minutes = (time.perf_counter() - start) / 60
-    report = zeroshot_eval.evaluate(args.workdir)
+    # The trainer evaluated the final parameters already; a run resumed with nothing left to
+    # train evaluates its last checkpoint.
+    report = zeroshot_eval.report_of_training(config.to_dict().get("evals"), result)
+    if report is None:
+        report = zeroshot_eval.evaluate(args.workdir)
     if jax.process_index() != 0:  # every process evaluated its share; process 0 reports
         return 0 if report["top1"] >= TARGET_TOP1 else 1
     print()

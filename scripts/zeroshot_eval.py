@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from scripts import distributed, terminal
@@ -34,7 +35,7 @@ from scripts import distributed, terminal
 # jax, TensorFlow and the project's packages are imported where used, after main has parsed its
 # flags and silenced their start-up logs (scripts/terminal.py); --help loads none of them.
 if TYPE_CHECKING:
-    from contrastive.trainer import TrainedRun
+    from contrastive.trainer import TrainedRun, TrainResult
 
 DEFAULT_BATCH_SIZE = 256
 # Per-class rows printed in the table; larger datasets keep them in the JSON report only.
@@ -67,7 +68,7 @@ def evaluate(
     spec = None if dataset is None else classification_dataset(dataset, data_dir, split)
     run = _contrastive_run(workdir, step)
     if spec is None:
-        name, block = _own_zeroshot_block(run, name)
+        name, block = _own_zeroshot_block(run.values.get("evals"), name)
         block = dict(block)
         label = block.get("dataset") or name
         if batch_size is not None:
@@ -100,10 +101,26 @@ def evaluate(
             "sampling": {**(values.get("sampling") or {}), "eval_samples": mc_samples},
         }
     evaluator = build_evaluator(name, block, values, run.task.model, run.mesh)
-    metrics = evaluator.evaluate(run.params)
+    return _report(block, label, run.step, evaluator.evaluate(run.params))
+
+
+def report_of_training(evals: Mapping[str, Any], result: TrainResult) -> dict[str, Any] | None:
+    """What `evaluate(workdir)` would report (the run's first zero-shot evaluator, its last
+    step), taken from the trainer's own evaluation at the last step: the same evaluation of the
+    same parameters. None when the trainer did not evaluate there (a resumed run with nothing
+    left to train). evals: the config's evaluator blocks."""
+    name, block = _own_zeroshot_block(evals, None)
+    if name not in result.evaluations:
+        return None
+    return _report(block, block.get("dataset") or name, result.step, result.evaluations[name])
+
+
+def _report(block: Mapping[str, Any], label: str, step: int, metrics: Mapping[str, Any]):
+    from contrastive.evaluators.build import zeroshot_texts
+
     used_classnames, used_templates = zeroshot_texts(block)
     return {
-        "step": run.step,
+        "step": step,
         "dataset": label,
         "classes": used_classnames,
         "templates": len(used_templates),
@@ -153,8 +170,8 @@ def _contrastive_run(workdir: str, step: int | None) -> TrainedRun:
     return run
 
 
-def _own_zeroshot_block(run: TrainedRun, name: str | None) -> tuple[str, dict]:
-    zeroshot = {n: b for n, b in (run.values.get("evals") or {}).items() if b["kind"] == "zeroshot"}
+def _own_zeroshot_block(evals: Mapping[str, Any], name: str | None) -> tuple[str, dict]:
+    zeroshot = {n: b for n, b in (evals or {}).items() if b["kind"] == "zeroshot"}
     if not zeroshot:
         raise ValueError("the run has no zero-shot evaluator in its config: give --dataset")
     name = name or next(iter(zeroshot))

@@ -7,7 +7,8 @@ those of contrastive/evaluators/calibration.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -58,8 +59,12 @@ class ClassificationEvaluator:
         return totals.metrics()
 
     def run(self, params) -> dict[str, float]:
-        """{"accuracy", "nll", "ece", "brier", "eval_examples"} over the whole split."""
-        metrics = self.evaluate(params)
+        return self.log_scalars(self.evaluate(params))
+
+    @staticmethod
+    def log_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+        """evaluate()'s metrics for training logs: {"accuracy", "nll", "ece", "brier",
+        "eval_examples"} over the whole split."""
         return {
             "accuracy": metrics["top1"],
             "nll": metrics["nll"],

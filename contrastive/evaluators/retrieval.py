@@ -16,7 +16,8 @@ max_pairs (default 50,000: 200 MB of host memory at D = 512).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -131,9 +132,12 @@ class RetrievalEvaluator:
         return metrics
 
     def run(self, params) -> dict[str, float]:
+        return self.log_scalars(self.evaluate(params))
+
+    @staticmethod
+    def log_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
         """evaluate()'s metrics prefixed "retrieval_" for training logs
         ("retrieval_image_to_text_r1", ..., "retrieval_pairs")."""
-        metrics = self.evaluate(params)
         scalars = {f"retrieval_{k}": v for k, v in metrics.items() if k != "num_pairs"}
         scalars["retrieval_pairs"] = metrics["num_pairs"]
         return scalars

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -246,10 +246,13 @@ class ZeroShotEvaluator:
         return metrics
 
     def run(self, params) -> dict[str, float]:
-        """The scalar metrics for training logs: "zeroshot_top1", "zeroshot_top5",
+        return self.log_scalars(self.evaluate(params))
+
+    @staticmethod
+    def log_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+        """evaluate()'s scalar metrics for training logs: "zeroshot_top1", "zeroshot_top5",
         "zeroshot_nll", "zeroshot_ece", "zeroshot_brier", "zeroshot_examples" (and
         "zeroshot_mc_*" with Monte-Carlo)."""
-        metrics = self.evaluate(params)
         scalars = {
             f"zeroshot_{key}": value
             for key, value in metrics.items()

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from contrastive.metric_logging import read_metrics
-from scripts import benchmark, demo, inspect_data, model_summary, train
+from scripts import benchmark, demo, inspect_data, model_summary, train, zeroshot_eval
 from tests import REPO
 from tests.data.helpers import make_fashion_dir
 
@@ -140,11 +140,24 @@ def test_demo_trains_evaluates_and_writes_its_summary(tmp_path, capsys):
     rows = read_metrics(str(workdir))
     assert [row["step"] for row in rows] == [1, 2]
     summary = json.loads((workdir / "demo_summary.json").read_text())
-    # The demo's own evaluation of the final parameters agrees with the trainer's at step 2.
+    # The table comes from the trainer's evaluation at step 2; evaluating the saved checkpoint
+    # afresh gives the same report.
     assert summary["zeroshot_top1"] == pytest.approx(rows[-1]["zeroshot_top1"], abs=1e-6)
+    fresh = zeroshot_eval.evaluate(str(workdir))
+    assert fresh["step"] == 2
+    assert summary["zeroshot_top1"] == pytest.approx(fresh["top1"], abs=1e-6)
+    assert summary["zeroshot_nll"] == pytest.approx(fresh["nll"], rel=1e-5)
     assert summary["curves"] == str(workdir / "curves.png")
     assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert status == (0 if summary["zeroshot_top1"] >= demo.TARGET_TOP1 else 1)
     out = capsys.readouterr().out
     assert "zero-shot fashion_mnist: 16 images, 10 classes" in out
     assert f"zero-shot top-1 {summary['zeroshot_top1']:.3f}" in out
+    assert zeroshot_eval.format_table(fresh) in out
+
+    # Again on the finished run: nothing is trained, the last checkpoint is evaluated instead.
+    assert demo.main(argv) == status
+    assert [row["step"] for row in read_metrics(str(workdir))] == [1, 2]
+    again = json.loads((workdir / "demo_summary.json").read_text())
+    assert again["zeroshot_top1"] == pytest.approx(summary["zeroshot_top1"], abs=1e-6)
+    assert zeroshot_eval.format_table(fresh) in capsys.readouterr().out
