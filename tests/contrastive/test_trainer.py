@@ -143,6 +143,13 @@ def test_each_contrastive_method_trains_logs_evaluates_and_checkpoints(fashion_d
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == [3, 6]
     metadata = json.loads((tmp_path / "checkpoints" / "3" / "metadata" / "metadata").read_text())
     assert metadata["step"] == 3 and metadata["total_steps"] == 6
+    # The full report of the evaluation at the last step comes back, the logged one.
+    (name,) = result.evaluations
+    report = result.evaluations[name]
+    assert report["top1"] == pytest.approx(rows[-1]["zeroshot_top1"], abs=1e-7)
+    assert sum(report["per_class_examples"]) == 20
+    # A finished run resumes with nothing to train and evaluates nothing.
+    assert train(contrastive_config(fashion_dir, loss), tmp_path).evaluations == {}
 
 
 @pytest.mark.parametrize("head", ["det", "hetxl"])
