@@ -68,9 +68,8 @@ def evaluate(
     spec = None if dataset is None else classification_dataset(dataset, data_dir, split)
     run = _contrastive_run(workdir, step)
     if spec is None:
-        name, block = _own_zeroshot_block(run.values.get("evals"), name)
+        name, block, label = _own_zeroshot_block(run.values.get("evals"), name)
         block = dict(block)
-        label = block.get("dataset") or name
         if batch_size is not None:
             block["input"] = {**block["input"], "batch_size": batch_size}
     else:
@@ -109,10 +108,10 @@ def report_of_training(evals: Mapping[str, Any], result: TrainResult) -> dict[st
     step), taken from the trainer's own evaluation at the last step: the same evaluation of the
     same parameters. None when the trainer did not evaluate there (a resumed run with nothing
     left to train). evals: the config's evaluator blocks."""
-    name, block = _own_zeroshot_block(evals, None)
+    name, block, label = _own_zeroshot_block(evals, None)
     if name not in result.evaluations:
         return None
-    return _report(block, block.get("dataset") or name, result.step, result.evaluations[name])
+    return _report(block, label, result.step, result.evaluations[name])
 
 
 def _report(block: Mapping[str, Any], label: str, step: int, metrics: Mapping[str, Any]):
@@ -170,14 +169,16 @@ def _contrastive_run(workdir: str, step: int | None) -> TrainedRun:
     return run
 
 
-def _own_zeroshot_block(evals: Mapping[str, Any], name: str | None) -> tuple[str, dict]:
+def _own_zeroshot_block(evals: Mapping[str, Any], name: str | None) -> tuple[str, dict, str]:
+    """(name, block, the dataset label of reports) of the zero-shot evaluator `name` among the
+    config's evaluator blocks, by default the first."""
     zeroshot = {n: b for n, b in (evals or {}).items() if b["kind"] == "zeroshot"}
     if not zeroshot:
         raise ValueError("the run has no zero-shot evaluator in its config: give --dataset")
     name = name or next(iter(zeroshot))
     if name not in zeroshot:
         raise ValueError(f"no zero-shot evaluator {name!r}; the config has {sorted(zeroshot)}")
-    return name, zeroshot[name]
+    return name, zeroshot[name], zeroshot[name].get("dataset") or name
 
 
 def _default_batch_size(run: TrainedRun) -> int:

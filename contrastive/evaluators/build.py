@@ -14,11 +14,11 @@ Kinds and their keys (contrastive/evaluators/schema.py; * = required):
   classification  *input                      (task "classification": the classifier's head)
   retrieval       *input, max_pairs           (input yields "image" and tokenized "text")
 
-Every evaluator has `.evaluate(params)` for the full report, `.log_scalars(report) -> {metric:
-number}` for training logs and `.run(params)`, the two in one. Inputs are checked against the
-model when the evaluator is built: the images an eval input yields must have the model's
-image_size (and its captions text_length tokens), so a mismatch fails before training, not at
-the first evaluation.
+Every evaluator (contrastive/evaluators/base.py) has `.evaluate(params)` for the full report,
+`.log_scalars(report) -> {metric: number}` for training logs and `.run(params)`, the two in one.
+Inputs are checked against the model when the evaluator is built: the images an eval input
+yields must have the model's image_size (and its captions text_length tokens), so a mismatch
+fails before training, not at the first evaluation.
 """
 
 from __future__ import annotations

@@ -15,12 +15,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from contrastive.evaluators.base import Evaluator
 from contrastive.evaluators.batching import global_batches
 from contrastive.evaluators.calibration import NUM_BINS, PredictionTotals, per_example_statistics
 from contrastive.mesh import replicated
 
 
-class ClassificationEvaluator:
+class ClassificationEvaluator(Evaluator):
     """Evaluates an ImageClassifier on a labelled split (see ZeroShotEvaluator for the args)."""
 
     def __init__(
@@ -57,9 +58,6 @@ class ClassificationEvaluator:
             result = jax.device_get(self._statistics(params, batch))
             totals.add(result, result["label"], result["mask"])
         return totals.metrics()
-
-    def run(self, params) -> dict[str, float]:
-        return self.log_scalars(self.evaluate(params))
 
     @staticmethod
     def log_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:

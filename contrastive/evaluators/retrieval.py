@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from contrastive.evaluators.base import Evaluator
 from contrastive.evaluators.batching import global_batches, map_in_batches
 from contrastive.evaluators.schema import MAX_PAIRS
 from contrastive.evaluators.zeroshot import PRECISION
@@ -62,7 +63,7 @@ def recall_at_k(ranks: np.ndarray, k_values: Sequence[int] = K_VALUES) -> dict[i
     return {k: float(np.mean(ranks < k)) for k in k_values}
 
 
-class RetrievalEvaluator:
+class RetrievalEvaluator(Evaluator):
     """Recall@K, image -> text and text -> image, of a two-tower model on (image, caption) pairs.
 
     Args:
@@ -130,9 +131,6 @@ class RetrievalEvaluator:
                 metrics[f"{direction}_r{k}"] = recall
         metrics["num_pairs"] = len(images)
         return metrics
-
-    def run(self, params) -> dict[str, float]:
-        return self.log_scalars(self.evaluate(params))
 
     @staticmethod
     def log_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:

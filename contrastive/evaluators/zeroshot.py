@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from contrastive.evaluators.base import Evaluator
 from contrastive.evaluators.batching import global_batches, map_in_batches
 from contrastive.evaluators.calibration import NUM_BINS, PredictionTotals, per_example_statistics
 from contrastive.mesh import replicated
@@ -130,7 +131,7 @@ def mc_class_log_probs(
     )
 
 
-class ZeroShotEvaluator:
+class ZeroShotEvaluator(Evaluator):
     """Zero-shot accuracy and calibration of a two-tower model on a labelled image split.
 
     Args:
@@ -244,9 +245,6 @@ class ZeroShotEvaluator:
             metrics.update({f"mc_{key}": value for key, value in mc.items()})
             metrics["mc_samples"] = self.monte_carlo.sampling.eval_samples
         return metrics
-
-    def run(self, params) -> dict[str, float]:
-        return self.log_scalars(self.evaluate(params))
 
     @staticmethod
     def log_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
