@@ -2,7 +2,7 @@
 
     python -m scripts.benchmark loss --batch 1024 --dim 512 --samples 16 64 [--json]
     python -m scripts.benchmark step --config configs/bench_ti.py[:arg] [--loss clip|hetxl] [--json]
-        [--config.a.b=value ...]
+        [--reference-big-vision DIR] [--config.a.b=value ...]
     python -m scripts.benchmark loop --config configs/bench_ti.py [--loss ...] [--steps 20] --json
     python -m scripts.benchmark head [--classes 1000,3000,10000,30000] [--samples 1,16,100,1000]
         [--heads det,het,hetxl] [--dim 256] [--batch 128] [--json [OUT]]
@@ -32,7 +32,11 @@ step) on the first device, its calls alternating with the step's so both see the
 step_gflop is XLA's flop count of the compiled step (`cost_analysis`, per device; it counts a
 while loop's body once, so HET-XL's scan over sample chunks and the RNG's loops are undercounted:
 by 0.4 GFLOP of 275, 0.15%, for configs/bench_ti.py:loss=hetxl); step_gflops = step_gflop / step
-time, and peak_fraction = step_gflops / matmul_peak_gflops.
+time, and peak_fraction = step_gflops / matmul_peak_gflops. With --reference-big-vision DIR the
+same run also builds big_vision's two-tower step of the same model from a big_vision checkout at
+DIR and alternates its calls with ours: reference_step_ms, reference_peak_bytes,
+reference_step_gflop and step_vs_reference = step_ms / reference_step_ms (see
+scripts/benchmark_reference.py).
 
 `head`: the train step of a classification head alone for each head, K and S (see
 scripts/benchmark_head.py for its rows and how they are measured).
@@ -166,9 +170,9 @@ def load_benchmark_config(args, overrides) -> tuple[str, dict]:
     return spec, values
 
 
-def compiled_step(args, overrides=()):
-    """(spec, values, mesh, compiled step, state, device batch) for the config's train step on a
-    random batch of its shapes."""
+def compiled_step(values):
+    """(mesh, compiled step, state, device batch, run length in steps) for the train step of a
+    validated config on a random batch of its shapes."""
     import jax
     import numpy as np
 
@@ -176,7 +180,6 @@ def compiled_step(args, overrides=()):
     from contrastive.mesh import batch_sharding, make_mesh
     from models.two_towers import example_inputs
 
-    spec, values = load_benchmark_config(args, overrides)
     mesh = make_mesh(values.get("mesh"))
     # The trainer's own setup: frozen towers, gradient accumulation and the schedule included.
     experiment = build_experiment(values, mesh)
@@ -194,7 +197,7 @@ def compiled_step(args, overrides=()):
         batch_sharding(mesh),
     )
     compiled = step.lower(state, batch).compile()
-    return spec, values, mesh, compiled, state, batch
+    return mesh, compiled, state, batch, experiment.num_steps
 
 
 def matmul_probe(size: int, device):
@@ -218,13 +221,18 @@ def significant(value: float, digits: int = 4) -> float:
 
 
 def benchmark_step(args, overrides=()) -> list[dict]:
-    """The full train step (both towers, loss, AdamW update) of a config on random batches, and
-    the matmul speed it is measured against."""
+    """The full train step (both towers, loss, AdamW update) of a config on random batches, the
+    matmul speed it is measured against and, with --reference-big-vision, big_vision's step of the
+    same model (scripts/benchmark_reference.py)."""
     import jax
 
     from contrastive.xla_stats import flops, peak_bytes
+    from scripts import benchmark_reference
 
-    spec, values, mesh, compiled, state, batch = compiled_step(args, overrides)
+    spec, values = load_benchmark_config(args, overrides)
+    if args.reference_big_vision:  # refuse a config big_vision cannot build before compiling
+        reference_model = benchmark_reference.reference_model(values, args.reference_big_vision)
+    mesh, compiled, state, batch, num_steps = compiled_step(values)
     matmul, operands, matmul_flops = matmul_probe(args.matmul_size, mesh.devices.flat[0])
 
     def step_call():
@@ -232,34 +240,54 @@ def benchmark_step(args, overrides=()) -> list[dict]:
         state, metrics = compiled(state, batch)
         return metrics
 
-    step_times, matmul_times = [], []
-    for index in range(args.repeats + 1):  # the first round warms both up
-        for fn, times in ((step_call, step_times), (lambda: matmul(*operands), matmul_times)):
+    calls = {"step": step_call, "matmul": lambda: matmul(*operands)}
+    if args.reference_big_vision:
+        reference, reference_state = benchmark_reference.compiled_reference_step(
+            reference_model, values, mesh, batch, num_steps
+        )
+
+        def reference_call():
+            nonlocal reference_state
+            *reference_state, loss, measurements = reference(*reference_state, batch)
+            return loss, measurements
+
+        calls["reference"] = reference_call
+    # The calls alternate, so every one sees the same machine load; the first round warms up.
+    times = {name: [] for name in calls}
+    for index in range(args.repeats + 1):
+        for name, fn in calls.items():
             start = time.perf_counter()
             jax.block_until_ready(fn())
             if index:
-                times.append((time.perf_counter() - start) * 1e3)
-    step_ms = statistics.median(step_times)
-    matmul_peak_gflops = matmul_flops / statistics.median(matmul_times) / 1e6
+                times[name].append((time.perf_counter() - start) * 1e3)
+    step_ms = statistics.median(times["step"])
+    matmul_peak_gflops = matmul_flops / statistics.median(times["matmul"]) / 1e6
     step_flops = flops(compiled)
     step_gflops = step_flops / step_ms / 1e6
     batch_size = values["input"]["batch_size"]
-    return [
-        dict(
-            config=spec,
-            loss=values["loss"]["name"],
-            batch=batch_size,
-            devices=mesh.size,
-            step_ms=round(step_ms, 2),
-            images_per_sec=round(batch_size / step_ms * 1e3, 1),
-            peak_bytes=peak_bytes(compiled),
-            host_memory_kept=host_memory_kept(),
-            step_gflop=significant(step_flops / 1e9),
-            step_gflops=significant(step_gflops),
-            matmul_peak_gflops=significant(matmul_peak_gflops),
-            peak_fraction=significant(step_gflops / matmul_peak_gflops),
+    row = dict(
+        config=spec,
+        loss=values["loss"]["name"],
+        batch=batch_size,
+        devices=mesh.size,
+        step_ms=round(step_ms, 2),
+        images_per_sec=round(batch_size / step_ms * 1e3, 1),
+        peak_bytes=peak_bytes(compiled),
+        host_memory_kept=host_memory_kept(),
+        step_gflop=significant(step_flops / 1e9),
+        step_gflops=significant(step_gflops),
+        matmul_peak_gflops=significant(matmul_peak_gflops),
+        peak_fraction=significant(step_gflops / matmul_peak_gflops),
+    )
+    if "reference" in times:
+        reference_ms = statistics.median(times["reference"])
+        row.update(
+            reference_step_ms=round(reference_ms, 2),
+            reference_peak_bytes=peak_bytes(reference),
+            reference_step_gflop=significant(flops(reference) / 1e9),
+            step_vs_reference=significant(step_ms / reference_ms),
         )
-    ]
+    return [row]
 
 
 def benchmark_loop(args, overrides=()) -> list[dict]:
@@ -269,7 +297,8 @@ def benchmark_loop(args, overrides=()) -> list[dict]:
 
     from contrastive.trainer import PreemptionWatch
 
-    spec, values, mesh, compiled, state, batch = compiled_step(args, overrides)
+    spec, values = load_benchmark_config(args, overrides)
+    mesh, compiled, state, batch, _ = compiled_step(values)
     state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
 
@@ -372,6 +401,13 @@ def main(argv: list[str] | None = None) -> None:
     step.add_argument("--repeats", type=int, default=10)
     step.add_argument(
         "--matmul-size", type=int, default=2048, help="side of the square matmul of the peak"
+    )
+    step.add_argument(
+        "--reference-big-vision",
+        metavar="DIR",
+        default=None,
+        help="also time big_vision's two-tower step of the same model, imported from the "
+        "big_vision checkout DIR, alternating with ours (see scripts/benchmark_reference.py)",
     )
     loop.add_argument("--steps", type=int, default=20, help="steps per variant")
     loop.add_argument("--log_every", type=int, default=10, help="steps between sync points")
