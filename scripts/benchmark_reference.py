@@ -17,7 +17,7 @@ and LiT setting), jit-compiled over the same mesh and fed the same device batch 
 
 The reference towers come from the config's `model.image_tower` / `model.text_tower`: a `vit` and
 a `text_transformer` whose keys big_vision's models also have (variant, widths, pooling, ...).
-A key big_vision has no counterpart for (our conv stem, our class-token position embedding) is
+A key big_vision has no counterpart for (our conv stem, a class token's own position row) is
 refused by name, as is any other tower, because the two steps would then not compute the same
 model.
 """
@@ -35,8 +35,24 @@ from typing import Any
 BIG_VISION_TOWERS = {"vit": "vit", "text_transformer": "proj.image_text.text_transformer"}
 # Keys of our tower configs that are about building the tower here, not its computation.
 OWN_ONLY_KEYS = {"vit": {"name"}, "text_transformer": {"name", "max_len"}}
-# Keys whose default here computes what big_vision computes, so only another value is refused.
-DEFAULTS_ALLOWED = {"stem_channels": (), "posemb_cls": True}
+
+
+def _computes_as_big_vision(key: str, value: Any, tower: Mapping[str, Any]) -> bool:
+    """Whether a tower key big_vision lacks is set to what big_vision computes anyway: no conv
+    stem, or a class-token position row that does not exist (posemb_cls=False is big_vision's
+    layout; True matters only for a learned table with "tok" pooling)."""
+    if key == "stem_channels":
+        return tuple(value) == ()
+    if key == "posemb_cls":
+        class_row = (
+            tower.get("pool_type", "gap") == "tok" and tower.get("posemb", "learn") == "learn"
+        )
+        return not (value and class_row)
+    return False
+
+
+# What to set instead, for the refusal message.
+BIG_VISION_VALUES = {"stem_channels": (), "posemb_cls": False}
 # big_vision's contrastive configs start the temperature at 10 (t = log 10 under exp); the step
 # time does not depend on it.
 TEMPERATURE_INIT = 10.0
@@ -57,20 +73,20 @@ def reference_tower_kwargs(tower: Mapping[str, Any]) -> dict:
     for key, value in tower.items():
         if key in OWN_ONLY_KEYS[name]:
             continue
-        if key in DEFAULTS_ALLOWED and _same(value, DEFAULTS_ALLOWED[key]):
-            continue
         if key not in fields:
+            if _computes_as_big_vision(key, value, tower):
+                continue
+            hint = (
+                f", e.g. --config.model.{_tower_field(name)}.{key}={BIG_VISION_VALUES[key]!r}"
+                if key in BIG_VISION_VALUES
+                else ""
+            )
             raise SystemExit(
                 f"error: --reference-big-vision: big_vision's {name} has no {key!r} "
-                f"(this config sets {key}={value!r}); benchmark a config without it, e.g. "
-                f"--config.model.{_tower_field(name)}.{key}={DEFAULTS_ALLOWED.get(key)!r}"
+                f"(this config sets {key}={value!r}); benchmark a config without it{hint}"
             )
         kwargs[key] = tuple(value) if isinstance(value, list) else value
     return kwargs
-
-
-def _same(value, default) -> bool:
-    return tuple(value) == default if isinstance(default, tuple) else value == default
 
 
 def _tower_field(name: str) -> str:

@@ -164,3 +164,16 @@ def test_a_folder_without_big_vision_is_refused(tmp_path, fashion_dir):  # noqa:
     argv = ["step", "--config", demo_spec(fashion_dir), "--reference-big-vision", str(tmp_path)]
     with pytest.raises(SystemExit, match="no big_vision/models/proj/image_text/two_towers.py"):
         benchmark.main(argv)
+
+
+def test_a_class_token_position_row_is_refused_only_where_it_exists(stand_in):
+    benchmark_reference.import_two_towers(str(stand_in))
+    kwargs = benchmark_reference.reference_tower_kwargs
+    # Without a class token the flag changes nothing: big_vision computes the same.
+    assert kwargs({"name": "vit", "pool_type": "map", "posemb_cls": True}) == {"pool_type": "map"}
+    # big_vision's own layout.
+    assert kwargs({"name": "vit", "pool_type": "tok", "posemb_cls": False}) == {"pool_type": "tok"}
+    with pytest.raises(SystemExit, match=r"no 'posemb_cls' .*posemb_cls=False"):
+        kwargs({"name": "vit", "pool_type": "tok", "posemb_cls": True})
+    with pytest.raises(SystemExit, match="a 'bert' tower has no big_vision counterpart"):
+        kwargs({"name": "bert"})
