@@ -6,11 +6,13 @@
     classes=10, steps=2000, batch=256, samples=16, factors=8,
     label_noise_confusable=0.0, label_noise_other=0.0, label_noise_seed=0 (input-dependent label
     noise on the Fashion-MNIST training labels, data/fashion_mnist.py), tau=0.0 (> 0: a fixed
-    temperature for any head)
+    temperature for any head), temperature=bounded|bounded_log (how HET-XL's learned tau is
+    parameterised), tau_init=0.0 (> 0: where HET-XL's learned tau starts)
 
-HET-XL learns its temperature (bounded in [0.05, 5], starting mid-range as in the paper); DET and
-HET use a fixed tau = 1 (HET's is tuned on held-out data in the papers: override
---config.model.temperature.init).
+HET-XL learns its temperature (bounded in [0.05, 5], starting mid-range as in the paper: 2.525
+for the paper's sigmoid-linear `bounded`, 0.5 for `bounded_log`, whose sigmoid acts on log tau,
+docs/HETXL.md section 3); DET and HET use a fixed tau = 1 (HET's is tuned on held-out data in the
+papers: override --config.model.temperature.init).
 """
 
 from configs import blocks
@@ -33,6 +35,8 @@ def get_config(arg=None):
             label_noise_other=0.0,
             label_noise_seed=0,
             tau=0.0,
+            temperature="bounded",
+            tau_init=0.0,
         ),
     )
     size = args["image_size"]
@@ -61,11 +65,17 @@ def get_config(arg=None):
 
     # Label-only sources still attach a caption built from the class names: not needed here.
     pp = f"decode|resize({size})|value_range(-1, 1)|drop('text')"
+    if args["temperature"] not in ("bounded", "bounded_log"):
+        raise ValueError(f"temperature={args['temperature']!r}: use bounded or bounded_log")
+    if args["tau_init"] and (args["head"] != "hetxl" or args["tau"] > 0):
+        raise ValueError("tau_init sets where a learned tau starts: only head=hetxl without tau")
     temperature = (
-        dict(mode="bounded", lo=0.05, hi=5.0)
+        dict(mode=args["temperature"], lo=0.05, hi=5.0)
         if args["head"] == "hetxl"
         else dict(mode="fixed", init=1.0)
     )
+    if args["tau_init"] > 0:
+        temperature["init"] = args["tau_init"]
     if args["tau"] > 0:
         temperature = dict(mode="fixed", init=args["tau"])
     return blocks.config_dict(

@@ -220,3 +220,36 @@ def test_matched_baselines_differ_from_hetxl_only_in_the_noise(name):
 def test_the_pod_config_validates_as_a_baseline(loss):
     values = validate_config(load_config(f"configs/clip_hetxl.py:loss={loss}"))
     assert values["loss"]["name"] == loss and values["model"]["noise"] is None
+
+
+@pytest.mark.parametrize(
+    "arg, mode, start",
+    [
+        ("", "bounded", 2.525),  # the paper's sigmoid-linear tau, mid-range
+        ("temperature=bounded_log", "bounded_log", 0.5),  # sigmoid on log tau: geometric middle
+        ("temperature=bounded_log,tau_init=2.525", "bounded_log", 2.525),
+        ("tau_init=1.0", "bounded", 1.0),
+    ],
+)
+def test_classify_parameterises_and_starts_the_learned_temperature(arg, mode, start):
+    from models.heteroscedastic import Temperature, TemperatureConfig
+
+    values = load_config(f"configs/classify.py:head=hetxl,{arg}").to_dict()
+    config = TemperatureConfig(**values["model"]["temperature"])
+    assert (config.mode, config.lo, config.hi) == (mode, 0.05, 5.0)
+    module = Temperature(config)
+    tau = module.apply(module.init(jax.random.PRNGKey(0)))
+    assert float(tau) == pytest.approx(start, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("head=hetxl,temperature=log_scale", "use bounded or bounded_log"),
+        ("head=det,tau_init=1.0", "only head=hetxl without tau"),
+        ("head=hetxl,tau=1.0,tau_init=2.0", "only head=hetxl without tau"),
+    ],
+)
+def test_classify_refuses_a_temperature_it_cannot_learn(arg, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(f"configs/classify.py:{arg}")
