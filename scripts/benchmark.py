@@ -230,8 +230,12 @@ def benchmark_step(args, overrides=()) -> list[dict]:
     from scripts import benchmark_reference
 
     spec, values = load_benchmark_config(args, overrides)
-    if args.reference_big_vision:  # refuse a config big_vision cannot build before compiling
-        reference_model = benchmark_reference.reference_model(values, args.reference_big_vision)
+    # Built before compiling ours, so a config big_vision cannot build is refused at once.
+    reference_model = (
+        benchmark_reference.reference_model(values, args.reference_big_vision)
+        if args.reference_big_vision
+        else None
+    )
     mesh, compiled, state, batch, num_steps = compiled_step(values)
     matmul, operands, matmul_flops = matmul_probe(args.matmul_size, mesh.devices.flat[0])
 
@@ -241,7 +245,7 @@ def benchmark_step(args, overrides=()) -> list[dict]:
         return metrics
 
     calls = {"step": step_call, "matmul": lambda: matmul(*operands)}
-    if args.reference_big_vision:
+    if reference_model is not None:
         reference, reference_state = benchmark_reference.compiled_reference_step(
             reference_model, values, mesh, batch, num_steps
         )

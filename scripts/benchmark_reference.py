@@ -24,6 +24,7 @@ model.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import sys
@@ -31,10 +32,29 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-# The big_vision module (under big_vision.models) of each of our tower names.
-BIG_VISION_TOWERS = {"vit": "vit", "text_transformer": "proj.image_text.text_transformer"}
-# Keys of our tower configs that are about building the tower here, not its computation.
-OWN_ONLY_KEYS = {"vit": {"name"}, "text_transformer": {"name", "max_len"}}
+
+@dataclasses.dataclass(frozen=True)
+class TowerMatch:
+    """How one of our tower names maps onto big_vision.
+
+    module: its big_vision module, under big_vision.models.
+    field: where the tower sits under config.model (for the refusal's override hint).
+    own_only: keys of our tower config that say how to build it here, not what it computes.
+    """
+
+    module: str
+    field: str
+    own_only: frozenset[str]
+
+
+TOWERS = {
+    "vit": TowerMatch("vit", "image_tower", frozenset({"name"})),
+    "text_transformer": TowerMatch(
+        "proj.image_text.text_transformer", "text_tower", frozenset({"name", "max_len"})
+    ),
+}
+# Keys big_vision's towers lack, at the value that computes what big_vision computes.
+BIG_VISION_VALUES = {"stem_channels": (), "posemb_cls": False}
 
 
 def _computes_as_big_vision(key: str, value: Any, tower: Mapping[str, Any]) -> bool:
@@ -42,7 +62,7 @@ def _computes_as_big_vision(key: str, value: Any, tower: Mapping[str, Any]) -> b
     stem, or a class-token position row that does not exist (posemb_cls=False is big_vision's
     layout; True matters only for a learned table with "tok" pooling)."""
     if key == "stem_channels":
-        return tuple(value) == ()
+        return tuple(value) == BIG_VISION_VALUES[key]
     if key == "posemb_cls":
         class_row = (
             tower.get("pool_type", "gap") == "tok" and tower.get("posemb", "learn") == "learn"
@@ -51,8 +71,6 @@ def _computes_as_big_vision(key: str, value: Any, tower: Mapping[str, Any]) -> b
     return False
 
 
-# What to set instead, for the refusal message.
-BIG_VISION_VALUES = {"stem_channels": (), "posemb_cls": False}
 # big_vision's contrastive configs start the temperature at 10 (t = log 10 under exp); the step
 # time does not depend on it.
 TEMPERATURE_INIT = 10.0
@@ -62,22 +80,23 @@ def reference_tower_kwargs(tower: Mapping[str, Any]) -> dict:
     """big_vision keyword arguments for one of our tower configs (big_vision already imported);
     raises SystemExit naming a tower or key big_vision's model does not have."""
     name = tower.get("name")
-    if name not in BIG_VISION_TOWERS:
+    if name not in TOWERS:
         raise SystemExit(
             f"error: --reference-big-vision: a {name!r} tower has no big_vision counterpart here; "
-            f"benchmark a config whose towers are {sorted(BIG_VISION_TOWERS)}"
+            f"benchmark a config whose towers are {sorted(TOWERS)}"
         )
-    module = importlib.import_module(f"big_vision.models.{BIG_VISION_TOWERS[name]}")
+    match = TOWERS[name]
+    module = importlib.import_module(f"big_vision.models.{match.module}")
     fields = set(inspect.signature(module._Model).parameters) | {"variant"}
     kwargs = {}
     for key, value in tower.items():
-        if key in OWN_ONLY_KEYS[name]:
+        if key in match.own_only:
             continue
         if key not in fields:
             if _computes_as_big_vision(key, value, tower):
                 continue
             hint = (
-                f", e.g. --config.model.{_tower_field(name)}.{key}={BIG_VISION_VALUES[key]!r}"
+                f", e.g. --config.model.{match.field}.{key}={BIG_VISION_VALUES[key]!r}"
                 if key in BIG_VISION_VALUES
                 else ""
             )
@@ -87,10 +106,6 @@ def reference_tower_kwargs(tower: Mapping[str, Any]) -> dict:
             )
         kwargs[key] = tuple(value) if isinstance(value, list) else value
     return kwargs
-
-
-def _tower_field(name: str) -> str:
-    return "image_tower" if name == "vit" else "text_tower"
 
 
 def import_two_towers(directory: str):
@@ -152,8 +167,7 @@ def compiled_reference_step(model, values: Mapping[str, Any], mesh, batch, num_s
         return flax.core.unfreeze(model.init(rng, images[:1], texts[:1]))["params"]
 
     params = jax.jit(init)(init_rng)
-    param_shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-    optimizer, _ = make_optimizer(dict(values["optim"]), num_steps, param_shapes)
+    optimizer, _ = make_optimizer(dict(values["optim"]), num_steps, params)
     state = jax.device_put((params, optimizer.init(params), loop_rng), replicated(mesh))
 
     def update(params, opt, rng, batch):
