@@ -9,7 +9,7 @@
 
 Images: the 60k Fashion-MNIST training images (28 px, grey -> RGB); texts: captions built from
 templates x synonyms x attributes that never equal a CLIP prompt. Towers: ViT (width 128, 4
-blocks, an 8-channel 3x3 convolution before 7 px patches, MAP pooling) and a one-block text
+blocks, a 16-channel 3x3 convolution before 7 px patches, MAP pooling) and a one-block text
 transformer of the same width on MiniLM WordPiece tokens. Zero-shot: the 10k test images against
 the 10 class names in CLIP's 80 templates.
 
@@ -23,7 +23,7 @@ measurements.
 
 from configs import blocks
 
-IMAGE_SIZE, TEXT_LENGTH = 28, 20
+IMAGE_SIZE, TEXT_LENGTH = 28, 16
 
 
 def tower(width=128, depth=4) -> dict:
@@ -69,7 +69,7 @@ def get_config(arg=None):
         input=train_input,
         model=dict(
             image_tower=dict(
-                name="vit", patch_size=(7, 7), stem_channels=(8,), pool_type="map", **tower()
+                name="vit", patch_size=(7, 7), stem_channels=(16,), pool_type="map", **tower()
             ),
             text_tower=dict(
                 name="text_transformer",

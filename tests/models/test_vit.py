@@ -260,6 +260,38 @@ def test_convolutional_stem_matches_numpy_reference():
     assert not any(name.startswith("stem") for name in without)  # big_vision's layout
 
 
+@pytest.mark.parametrize("patch, channels", [((4, 4), 3), ((2, 3), 5)])
+def test_patch_embedding_is_the_strided_convolution(patch, channels):
+    """The reshape-and-matmul patch embedding computes what flax's VALID convolution with stride
+    = kernel computes: same initial parameters from the same key, same outputs, same gradients
+    for the kernel, the bias and the input (a stem before it needs the last)."""
+    import flax.linen as nn
+
+    images = jax.random.normal(jax.random.key(0), (2, 8, 9, channels))
+    conv = nn.Conv(7, patch, strides=patch, padding="VALID")
+    ours = vit.PatchEmbedding(7, patch)
+    conv_params = conv.init(jax.random.key(3), images)
+    our_params = ours.init(jax.random.key(3), images)
+    jax.tree.map(np.testing.assert_array_equal, our_params, conv_params)
+    # A non-zero bias: the zeros init would hide a dropped one.
+    params = jax.tree.map(lambda leaf: leaf + 0.3, conv_params)
+
+    def total(module, params, images):
+        return jnp.sum(jnp.sin(module.apply(params, images)))
+
+    expected = conv.apply(params, images)
+    got = ours.apply(params, images)
+    assert got.shape == expected.shape == (2, 8 // patch[0], 9 // patch[1], 7)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    expected_grads = jax.grad(lambda p, x: total(conv, p, x), argnums=(0, 1))(params, images)
+    got_grads = jax.grad(lambda p, x: total(ours, p, x), argnums=(0, 1))(params, images)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+        got_grads,
+        expected_grads,
+    )
+
+
 def test_class_token_posemb_row_is_the_only_difference_between_layouts():
     """A class row of zeros is big_vision's layout; any class row folds into `cls`."""
     images = tiny_images()

@@ -154,7 +154,7 @@ def test_the_reference_towers_come_from_the_config(stand_in, fashion_dir):  # no
 
 
 def test_a_tower_setting_big_vision_lacks_is_refused_by_name(stand_in, fashion_dir):  # noqa: F811
-    # configs/demo.py puts an 8-channel convolution before the patches; big_vision's ViT has none.
+    # configs/demo.py puts a convolution before the patches; big_vision's ViT has none.
     argv = ["step", "--config", demo_spec(fashion_dir), "--reference-big-vision", str(stand_in)]
     with pytest.raises(SystemExit, match=r"no 'stem_channels' .*stem_channels=\(\)"):
         benchmark.main(argv + ["--config.model.image_tower.stem_channels=(8,)"])
