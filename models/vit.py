@@ -4,7 +4,8 @@ Module and parameter names follow google-research/big_vision's `models/vit.py` s
 checkpoints load by name (see `models/pretrained.py`):
 
     stem_{i}/{kernel,bias}               optional 3x3 convolutions before the patch embedding
-    embedding/{kernel,bias}              patch embedding, a [P, P, C, D] convolution
+    embedding/{kernel,bias}              patch embedding, a [P, P, C, D] strided convolution
+                                         (computed as one matmul: PatchEmbedding)
     pos_embedding                        [1, 1 + N, D] or [1, N, D] (see below), "learn" only
     cls                                  [1, 1, D], class token ("tok" pooling) only
     Transformer/encoderblock_{i}/...     one block per layer (python loop), or
