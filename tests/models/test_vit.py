@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -265,8 +266,6 @@ def test_patch_embedding_is_the_strided_convolution(patch, channels):
     """The reshape-and-matmul patch embedding computes what flax's VALID convolution with stride
     = kernel computes: same initial parameters from the same key, same outputs, same gradients
     for the kernel, the bias and the input (a stem before it needs the last)."""
-    import flax.linen as nn
-
     images = jax.random.normal(jax.random.key(0), (2, 8, 9, channels))
     conv = nn.Conv(7, patch, strides=patch, padding="VALID")
     ours = vit.PatchEmbedding(7, patch)
