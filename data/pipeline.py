@@ -8,17 +8,23 @@ Per process, the tf.data graph is
     -> map: parse, caption, check,      stateless seed (stream id, p); a record that fails a
             preprocess (op string)      check gets a reason and skips the op string
     -> ignore_errors                    records whose parsing/preprocessing raised disappear
-    -> scan: count skipped records      checked reasons, plus gaps in this process's record
-                                        indices as "undecodable"
-    -> filter good -> batch(global batch / processes) -> prefetch
+    -> scan: count checked reasons      per record; then the records that failed a check
+    -> filter good                      are dropped
+    -> batch(global batch / processes)
+    -> scan: count skipped records      per batch: the gaps in this process's record indices
+                                        up to the batch's last row, less the checked ones,
+                                        are "undecodable"
+    -> prefetch
 
 and each batch carries the cumulative skipped-record counts and the coordinates and position of
-its last record.
+its last record. Checks that the records' structure already decides are not run per record: when
+none can fail (decoded images of static shape, captions from a caption bank vetted once), there
+is no check, no branch, and neither the per-record scan nor the filter (data/records.py).
 
 Exact counts at the end. Counts ride on batches, and a record lost to an error leaves no element
 behind, so bad records after a pass's last good record would reach no batch. A finite stream
 (num_epochs set) therefore ends with an end marker (data/order.py) that skips parsing and
-preprocessing, closes the last gap in the counting scan and passes the filter: it becomes the
+preprocessing, passes the filter and closes the last gap in the counting scan: it becomes the
 last row of the last batch, which is removed, or a batch of its own without rows, which the
 iterator does not hand out. Once a finite pass is exhausted, skipped() and get_state() hold the
 pass's exact counts (GlobalBatchIterator.skipped() sums them over processes). An endless
@@ -88,12 +94,13 @@ from data.processing import (
     NoValidRecordsError,
     check_batch_contract,
     check_has_valid_record,
+    count_checked_fn,
     count_skipped_fn,
     is_good,
     process_fn,
     stream_id,
 )
-from data.records import BAD_RECORD_REASONS
+from data.records import BAD_RECORD_REASONS, CHECKED_REASONS
 from data.source_base import assign_shards, check_process
 from data.sources import make_source
 from data.transfer import DeviceValueRange, split_device_value_range
@@ -139,6 +146,9 @@ class LocalBatchIterator(Iterator[Batch]):
 
     Raises BatchContractError when the op string's output does not fit the contract, and
     NoValidRecordsError when this process's share has no usable record.
+
+    `checks_records` is False when no record check can fail for this source and op string, so
+    that the pipeline runs none (see the module doc).
     """
 
     def __init__(
@@ -186,30 +196,35 @@ class LocalBatchIterator(Iterator[Batch]):
             num_epochs=cfg.num_epochs,
             start=start,
         )
-        process, out_spec = process_fn(
+        processing = process_fn(
             self.source, cfg, self.stream, self.pp_fn, records.element_spec[RAW_KEY]
         )
+        out_spec = processing.out_spec
+        self.checks_records = processing.may_fail_checks
         # Contract first (from traced shapes, no data read), then the probe (reads data).
         uint8 = self.device_value_range is not None
         check_batch_contract(
             record_spec(self.batch_pp_fn, out_spec), tf.uint8 if uint8 else tf.float32
         )
         if probe:
-            self._probe(process)
+            self._probe(processing.fn)
         parallel = {"num_parallel_calls": tf.data.AUTOTUNE, "deterministic": True}
-        ds = records.map(no_autograph(process), **parallel).ignore_errors()
-        first_index = self.selection.kept_before(tf.constant(start.next_position, tf.int64))
-        initial = (first_index - 1, tf.constant(skipped, tf.int64))
-        ds = ds.scan(initial, no_autograph(count_skipped_fn(self.selection)))
-        ds = ds.filter(no_autograph(is_good))
+        ds = records.map(no_autograph(processing.fn), **parallel).ignore_errors()
+        if processing.may_fail_checks:
+            checked = [*skipped[: len(CHECKED_REASONS)], 0]
+            ds = ds.scan(tf.constant(checked, tf.int64), no_autograph(count_checked_fn()))
+            ds = ds.filter(no_autograph(is_good))
         # Training repeats forever and needs fixed shapes; a finite pass (evaluation) keeps the
         # last, short batch, which evaluators pad and mask.
         finite = cfg.num_epochs is not None
         ds = ds.batch(self.batch_size, drop_remainder=not finite)
+        first_index = self.selection.kept_before(tf.constant(start.next_position, tf.int64))
+        initial = (first_index - 1, tf.constant(sum(skipped), tf.int64))
+        ds = ds.scan(initial, no_autograph(count_skipped_fn(self.selection, finite=finite)))
 
         def close_batch(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-            # Counts are cumulative and coordinates increase, so the last row speaks for the
-            # batch, the end marker's included.
+            # Coordinates increase, so the last row speaks for the batch, the end marker's
+            # included (the counting scan has put the counts after that row in SKIPPED_KEY).
             features = {k: batch[k] for k in out_spec}
             last_coords = batch[COORDS_KEY][-1]
             if finite:  # the end marker is the stream's last element: drop its row
@@ -220,7 +235,7 @@ class LocalBatchIterator(Iterator[Batch]):
                 features = self.batch_pp_fn(features)
             return {
                 **features,
-                SKIPPED_KEY: batch[SKIPPED_KEY][-1],
+                SKIPPED_KEY: batch[SKIPPED_KEY],
                 COORDS_KEY: last_coords,
                 POSITION_KEY: batch[POSITION_KEY][-1],
             }

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from data.pipeline import NoValidRecordsError, make_local_iterator
-from data.records import BAD_RECORD_REASONS, bad_record_reason
+from data.records import BAD_RECORD_REASONS, bad_record_reason, texts_pass_checks
 from data.tfrecords import encode_example
 from tests.data.helpers import encode_image, labelled_image, tfrecord_config
 
@@ -135,4 +135,21 @@ def test_record_checks_directly():
     assert reason(text=tf.constant(""), _missing=tf.constant(True)) == "missing_field"
     empty_pixels = {"image": tf.zeros([0, 5, 3], tf.uint8), "label": tf.constant(1)}
     assert BAD_RECORD_REASONS[int(bad_record_reason(empty_pixels, 10)) - 1] == "empty_image"
-    assert int(bad_record_reason({"image": tf.constant(np.ones((2, 2, 1), np.uint8))}, 10)) == 0
+    # Pixels of static, non-empty shape cannot be empty: with no text, nothing is left to check.
+    pixels = tf.constant(np.ones((2, 2, 1), np.uint8))
+    assert bad_record_reason({"image": pixels}, 10) is None
+    with_text = {"image": pixels, "text": tf.constant("")}
+    assert bad_record_reason(with_text, 10, vetted_text=True) is None
+    assert int(bad_record_reason(with_text, 10)) == 3  # empty_text
+    # Pixels whose shape is known only at run time are checked then.
+    checked = tf.function(lambda image: bad_record_reason({"image": image}, 10), autograph=False)
+    dynamic = checked.get_concrete_function(tf.TensorSpec([None, None, 1], tf.uint8))
+    assert int(dynamic(tf.zeros([0, 3, 1], tf.uint8))) == 2  # empty_image
+    assert int(dynamic(pixels)) == 0
+
+
+def test_a_text_set_passes_only_when_every_text_passes_each_check():
+    assert texts_pass_checks(["fine", "ünïcödé", "x" * 20], max_text_bytes=20)
+    assert not texts_pass_checks(["fine", " \t "], max_text_bytes=20)  # empty once stripped
+    assert not texts_pass_checks(["fine", "é" * 11], max_text_bytes=20)  # 22 bytes
+    assert not texts_pass_checks(["fine", ""], max_text_bytes=20)

@@ -10,10 +10,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from data.fashion_mnist import FashionMnistSource
 from data.pipeline import make_global_iterator, make_local_iterator
 from data.records import BAD_RECORD_REASONS
+from data.sources import SOURCES
 from data.tfrecords import encode_example
-from tests.data.helpers import encode_image, labelled_image, tfrecord_config, write_records
+from tests.data.helpers import (
+    encode_image,
+    fashion_config,
+    labelled_image,
+    make_fashion_dir,
+    tfrecord_config,
+    write_records,
+)
 
 # Decoded pixel (0, 0) keeps the record index: no crop, no flip, 8 px stays 8 px.
 INDEX_PP = "decode|resize(8)|value_range(0, 255)|tokenize(max_len=8)"
@@ -166,3 +175,81 @@ def test_the_global_iterator_has_the_final_counts_once_exhausted(tmp_path, devic
         assert sum(iterator.skipped().values()) == 0
     assert indices(batches) == list(range(16))
     assert iterator.skipped() == counts_of(TRAILING_KINDS)
+
+
+# Sources whose records no check can fail (decoded pixels of static shape, captions from a vetted
+# bank) run no per-record check, scan or filter: their skipped records are the gaps counted once
+# per batch.
+LOST = (3, 17, 38, 39)  # two of them at the end of the split
+FASHION_PP = "decode|resize(28)|value_range(-1, 1)|tokenize(max_len=8)"
+
+
+class FashionWithLostRecords(FashionMnistSource):
+    """Fake Fashion-MNIST whose examples in LOST fail to parse, as corrupt records would."""
+
+    def parse(self, element: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        record = dict(element)
+        index = tf.cast(record["image"][0, 0, 0], tf.int64)  # make_fashion_dir's index pixel
+        lost = tf.reduce_any(tf.equal(index, tf.constant(LOST, tf.int64)))
+        with tf.control_dependencies([tf.debugging.assert_equal(lost, False, "lost record")]):
+            record["image"] = tf.identity(record["image"])
+        return record
+
+
+@pytest.fixture
+def lost_records_config(tmp_path, monkeypatch):
+    monkeypatch.setitem(SOURCES._factories, "fashion_with_lost_records", FashionWithLostRecords)
+    make_fashion_dir(tmp_path, n_train=40)
+
+    def config(**overrides) -> dict:
+        block = fashion_config(tmp_path, pp=FASHION_PP, num_epochs=1, shuffle_buffer=7)
+        block["source"]["name"] = "fashion_with_lost_records"
+        block.update(overrides)
+        return block
+
+    return config
+
+
+def pixel_indices(batches) -> list[int]:
+    # The op string keeps uint8 pixels as [-1, 1] floats: 255 * (v + 1) / 2 is the index.
+    return sorted(round(127.5 * (float(v) + 1)) for b in batches for v in b["image"][:, 0, 0, 0])
+
+
+def test_records_that_no_check_can_fail_are_not_checked_yet_lost_ones_are_counted(
+    lost_records_config, tmp_path
+):
+    iterator = make_local_iterator(lost_records_config(num_epochs=3), 0, 1)
+    assert not iterator.checks_records
+    kept = [i for i in range(40) if i not in LOST]
+    assert pixel_indices(iterator) == sorted(kept * 3)
+    assert iterator.skipped() == counts_of(["undecodable"] * len(LOST), times=3)
+    files = write_good_then_bad(tmp_path / "a.tfrecord", 4, ["empty_text"])
+    # Encoded images may be empty, captions may be anything: those records are checked.
+    assert make_local_iterator(config_for(files), 0, 1).checks_records
+
+
+def test_a_resumed_unchecked_stream_continues_with_the_same_batches_and_counts(
+    lost_records_config,
+):
+    config = lost_records_config(num_epochs=2)
+    whole = list(make_local_iterator(config, 0, 1))
+    reference = make_local_iterator(config, 0, 1)
+    first = [next(reference) for _ in range(4)]
+    resumed = make_local_iterator(config, 0, 1)
+    resumed.set_state(reference.get_state())
+    rest = list(resumed)
+    assert len(first) + len(rest) == len(whole)
+    for got, want in zip(first + rest, whole, strict=True):
+        np.testing.assert_array_equal(got["image"], want["image"])
+    assert resumed.skipped() == counts_of(["undecodable"] * len(LOST), times=2)
+
+
+def test_unchecked_counts_of_processes_add_up_to_the_whole_pass(lost_records_config):
+    total = collections.Counter()
+    seen = []
+    for process in range(2):
+        iterator = make_local_iterator(lost_records_config(), process, 2)
+        seen += pixel_indices(iterator)
+        total.update(iterator.skipped())
+    assert sorted(seen) == [i for i in range(40) if i not in LOST]
+    assert dict(total) == counts_of(["undecodable"] * len(LOST))
