@@ -92,6 +92,7 @@ def get_config(arg=None):
         log_every=20,
         evals=dict(zeroshot=zeroshot),
         mesh=dict(data=-1, fsdp=1),
-        checkpoint=dict(every_steps=200, keep=2, async_save=True),
+        # A checkpoint per epoch, next to its evaluation: each save costs the CPU a second or two.
+        checkpoint=dict(every_steps=steps_per_epoch, keep=2, async_save=True),
         max_nonfinite_in_a_row=10,
     )
