@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from data.records import texts_pass_checks
+
 
 def normalize_caption(text: str) -> str:
     """The key for prompt comparison: lower-case, punctuation removed, whitespace collapsed, and
@@ -111,6 +113,11 @@ class CaptionBank:
     @property
     def num_classes(self) -> int:
         return len(self.captions_per_class)
+
+    def passes_text_checks(self, max_text_bytes: int) -> bool:
+        """True when every caption passes the pipeline's text checks (data/records.py), so that a
+        drawn caption needs no check of its own."""
+        return texts_pass_checks(self._flat.tolist(), max_text_bytes)
 
     def sample(self, label: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         """int [] label, int64 [2] stateless seed -> string [] caption, uniform over the class.

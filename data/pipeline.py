@@ -94,7 +94,7 @@ from data.processing import (
     NoValidRecordsError,
     check_batch_contract,
     check_has_valid_record,
-    count_checked_fn,
+    count_checked,
     count_skipped_fn,
     is_good,
     process_fn,
@@ -212,7 +212,7 @@ class LocalBatchIterator(Iterator[Batch]):
         ds = records.map(no_autograph(processing.fn), **parallel).ignore_errors()
         if processing.may_fail_checks:
             checked = [*skipped[: len(CHECKED_REASONS)], 0]
-            ds = ds.scan(tf.constant(checked, tf.int64), no_autograph(count_checked_fn()))
+            ds = ds.scan(tf.constant(checked, tf.int64), no_autograph(count_checked))
             ds = ds.filter(no_autograph(is_good))
         # Training repeats forever and needs fixed shapes; a finite pass (evaluation) keeps the
         # last, short batch, which evaluators pad and mask.

@@ -45,7 +45,7 @@ def text_flags(text: tf.Tensor, max_text_bytes: int) -> dict[str, tf.Tensor]:
     }
 
 
-def texts_pass_checks(texts: Sequence[str], max_text_bytes: int) -> bool:
+def texts_pass_checks(texts: Sequence[str | bytes], max_text_bytes: int) -> bool:
     """True when every one of `texts` passes the text checks: a caption drawn from them needs no
     per-record check (see bad_record_reason's vetted_text)."""
     flags = text_flags(tf.constant(list(texts), tf.string), max_text_bytes)
