@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import posixpath
 
-import tensorflow as tf
+from data.lazy_tf import tf
 
 # Schemes tensorstore (which orbax uses for array data) can write to besides local files.
 CHECKPOINT_SCHEMES = ("gs://", "s3://")

@@ -17,8 +17,7 @@ record. Tokenize draws no random numbers, so moving it changes no augmentation.
 
 from __future__ import annotations
 
-import tensorflow as tf
-
+from data.lazy_tf import tf
 from data.preprocess import PreprocessFn, bound_arguments, output_spec
 
 TOKENIZE = "tokenize"

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import tensorflow as tf
 
+from data.lazy_tf import tf
 from data.records import texts_pass_checks
 
 

@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
+from data.lazy_tf import tf
 from data.pair_readers import Row, RowError, Skip, clean_caption
 from data.tfrecords import ShardWriter, encode_example
 

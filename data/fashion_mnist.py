@@ -36,9 +36,9 @@ import json
 import posixpath
 
 import numpy as np
-import tensorflow as tf
 
 from data.captions import CaptionBank, Noun, build_class_captions, forbidden_captions
+from data.lazy_tf import tf
 from data.package_files import clip_benchmark_file
 from data.source_base import ShardTable, Source
 from data.zeroshot_texts import FASHION_MNIST_CLASSNAMES, clip_templates, imagenet_classnames

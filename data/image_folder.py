@@ -17,9 +17,9 @@ import posixpath
 from collections.abc import Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from data.captions import CaptionBank, forbidden_captions, generic_class_captions
+from data.lazy_tf import tf
 from data.source_base import ShardTable, Source
 from data.zeroshot_texts import clip_templates, imagenet_classnames
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import tensorflow as tf
+from data.lazy_tf import tf
 
 
 def no_autograph(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import tensorflow as tf
-
+from data.lazy_tf import tf
 from data.registry import Registry
 from data.tokenizers import make_tokenizer
 
-Example = dict[str, tf.Tensor]
+Example = dict[str, "tf.Tensor"]
 ExampleFn = Callable[[Example], Example]
 
 PP_OPS = Registry("preprocessing op")
@@ -64,11 +63,16 @@ def _next_seed(data: Example, op: str) -> tuple[tf.Tensor, Example]:
 IDENTITY_AT_SAME_SIZE = frozenset({"bilinear", "nearest", "bicubic", "area"})
 
 
+# tf.image.ResizeMethod's values, spelled out so that checking an op string needs no TensorFlow
+# (tests/data pins them against TensorFlow's enum).
+RESIZE_METHODS = (
+    "area", "bicubic", "bilinear", "gaussian", "lanczos3", "lanczos5", "mitchellcubic", "nearest"
+)  # fmt: skip
+
+
 def _check_resize_method(method: str, op: str) -> None:
-    names = [m for m in dir(tf.image.ResizeMethod) if m.isupper()]
-    known = sorted(getattr(tf.image.ResizeMethod, m) for m in names)
-    if method not in known:
-        raise ValueError(f"{op}: unknown method {method!r}; known: {known}")
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"{op}: unknown method {method!r}; known: {list(RESIZE_METHODS)}")
 
 
 def _size_hw(size: int | tuple[int, int]) -> tuple[int, int]:

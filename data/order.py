@@ -29,8 +29,8 @@ import json
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
+from data.lazy_tf import tf
 from data.no_autograph import no_autograph
 from data.source_base import (
     WINDOW_SEED_TAG,

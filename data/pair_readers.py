@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import tensorflow as tf
+from data.lazy_tf import tf
 
 FORMATS = ("csv", "tsv", "jsonl", "folder", "webdataset")
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")

@@ -68,12 +68,12 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow as tf
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.batch_tokenize import record_spec, split_batch_tokenize
 from data.config import InputConfig, validate_input_config
+from data.lazy_tf import tf
 from data.no_autograph import no_autograph
 from data.order import (
     COORDS_KEY,

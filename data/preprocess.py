@@ -16,8 +16,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-import tensorflow as tf
-
+from data.lazy_tf import tf
 from data.ops import PP_OPS, Example
 from data.registry import Registry, RegistryError
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from data.config import InputConfig
+from data.lazy_tf import tf
 from data.ops import RNG_KEY, next_seed
 from data.order import COORDS_KEY, POSITION_KEY, RAW_KEY, Selection, is_end_marker, placeholder
 from data.preprocess import PreprocessFn, output_spec
@@ -36,9 +36,7 @@ class BatchContractError(ValueError):
     """The op string's output does not fit the batch contract."""
 
 
-def check_batch_contract(
-    spec: dict[str, tf.TensorSpec], image_dtype: tf.DType = tf.float32
-) -> None:
+def check_batch_contract(spec: dict[str, tf.TensorSpec], image_dtype: tf.DType) -> None:
     """Checks one preprocessed example's spec against the batch contract (before batching).
 
     {"image": `image_dtype` [H, W, 3], "text": i32 [L] and/or "label": i32 []}, other keys numeric

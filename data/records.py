@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import tensorflow as tf
+from data.lazy_tf import tf
 
 MISSING = "_missing"
 

@@ -28,8 +28,19 @@ def type_name(tp: Any) -> str:
 
 
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
-    """Resolved type hints of a function, or of a class's __init__."""
-    return typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    """Resolved type hints of the parameters of a function, or of a class's __init__.
+
+    The return hint is left unresolved: it often names a TensorFlow type, and resolving it would
+    import TensorFlow (data/lazy_tf.py) where only a config is being checked.
+    """
+    target = fn.__init__ if isinstance(fn, type) else fn
+    annotations = getattr(target, "__annotations__", None) or {}
+    parameters = types.SimpleNamespace(
+        __annotations__={name: hint for name, hint in annotations.items() if name != "return"}
+    )
+    # Names in the hints resolve where the function was written (past any decorator's wrapper).
+    namespace = getattr(inspect.unwrap(target), "__globals__", {})
+    return typing.get_type_hints(parameters, globalns=namespace)
 
 
 def matches_type(value: Any, tp: Any) -> bool:

@@ -14,9 +14,9 @@ import abc
 import dataclasses
 
 import numpy as np
-import tensorflow as tf
 
 from data.captions import CaptionBank
+from data.lazy_tf import tf
 from data.no_autograph import no_autograph
 
 ShardTable = dict[str, np.ndarray]

@@ -12,12 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from data.captions import CaptionBank, forbidden_captions, generic_class_captions
 from data.fashion_mnist import FashionMnistSource
 from data.image_folder import ImageFolderSource
+from data.lazy_tf import tf, tfds
 from data.registry import Registry
 from data.source_base import ShardTable, Source
 from data.tfrecords import TFRecordSource

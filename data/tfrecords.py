@@ -25,8 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import tensorflow as tf
 
+from data.lazy_tf import tf
 from data.pair_readers import InputError, Row, RowError, clean_caption, detect_format, read_pairs
 from data.records import MISSING
 from data.source_base import ShardTable, Source

@@ -19,9 +19,8 @@ import os
 from pathlib import Path
 
 import sentencepiece as spm
-import tensorflow as tf
-import tensorflow_text as tf_text
 
+from data.lazy_tf import tf, tf_text
 from data.package_files import minilm_vocab_path
 
 PAD_ID = 0
@@ -31,6 +30,21 @@ def _pad_to(ids: tf.RaggedTensor, max_len: int) -> tf.Tensor:
     """Ragged int ids [N, (len)] -> int32 [N, max_len], truncated or right-padded with 0."""
     dense, _ = tf_text.pad_model_inputs(ids[:, :max_len], max_seq_length=max_len, pad_value=PAD_ID)
     return tf.cast(dense, tf.int32)
+
+
+def _read_bytes(path: str) -> bytes:
+    """A file's bytes: local paths with plain Python, so that checking a config needs no
+    TensorFlow (data/lazy_tf.py), URLs (gs://...) through tf.io.gfile."""
+    if "://" not in path:
+        return Path(path).read_bytes()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return f.read()
+
+
+def _is_file(path: str) -> bool:
+    if "://" not in path:
+        return os.path.isfile(path)
+    return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
 
 
 def _as_batch(text: tf.Tensor) -> tuple[tf.Tensor, bool]:
@@ -56,8 +70,7 @@ class WordpieceTokenizer:
 
     def __init__(self, vocab_path: str | os.PathLike[str]) -> None:
         self.vocab_path = str(vocab_path)
-        with tf.io.gfile.GFile(self.vocab_path, "rb") as f:
-            text = f.read().decode("utf-8")
+        text = _read_bytes(self.vocab_path).decode("utf-8")
         # Universal newlines, as text-mode open() reads them; the final newline adds no token.
         vocab = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         if vocab and vocab[-1] == "":
@@ -75,12 +88,20 @@ class WordpieceTokenizer:
         self.cls_id = token_ids["[CLS]"]
         self.sep_id = token_ids["[SEP]"]
         self.unk_id = token_ids["[UNK]"]
-        self._tokenizer = tf_text.FastBertTokenizer(
-            vocab=vocab,
-            token_out_type=tf.int32,
-            unknown_token="[UNK]",
-            lower_case_nfd_strip_accents=True,
-        )
+        self._vocab = vocab
+
+    @functools.cached_property
+    def _tokenizer(self):
+        # Built at the first tokenize call (a config check reads the vocabulary size only), which
+        # may come while tf.data traces a map function: init_scope builds it eagerly all the same,
+        # so every graph can capture the one tokenizer.
+        with tf.init_scope():
+            return tf_text.FastBertTokenizer(
+                vocab=self._vocab,
+                token_out_type=tf.int32,
+                unknown_token="[UNK]",
+                lower_case_nfd_strip_accents=True,
+            )
 
     def tokenize(self, text: tf.Tensor, max_len: int) -> tf.Tensor:
         """string [] or [N] -> int32 [max_len] or [N, max_len]: [CLS] pieces [SEP] 0 ... 0.
@@ -108,8 +129,7 @@ class SentencepieceTokenizer:
 
     def __init__(self, model_path: str | os.PathLike[str], add_eos: bool = False) -> None:
         self.model_path = str(model_path)
-        with tf.io.gfile.GFile(self.model_path, "rb") as f:
-            model = f.read()
+        model = _read_bytes(self.model_path)
         processor = spm.SentencePieceProcessor(model_proto=model)
         if processor.pad_id() != PAD_ID:
             raise ValueError(
@@ -121,7 +141,13 @@ class SentencepieceTokenizer:
         self.vocab_size = processor.get_piece_size()
         self.eos_id = processor.eos_id()
         self.add_eos = add_eos
-        self._tokenizer = tf_text.SentencepieceTokenizer(model=model, out_type=tf.int32)
+        self._model = model
+
+    @functools.cached_property
+    def _tokenizer(self):
+        # Built eagerly at the first tokenize call, as WordpieceTokenizer's is.
+        with tf.init_scope():
+            return tf_text.SentencepieceTokenizer(model=self._model, out_type=tf.int32)
 
     def tokenize(self, text: tf.Tensor, max_len: int) -> tf.Tensor:
         """string [] or [N] -> int32 [max_len] or [N, max_len], right-padded with 0."""
@@ -151,7 +177,7 @@ def make_tokenizer(spec: str, add_eos: bool = False) -> Tokenizer:
     if kind == "minilm" and not path:
         return WordpieceTokenizer(minilm_vocab_path())
     if kind in ("wordpiece", "sentencepiece") and path:
-        if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
+        if not _is_file(path):
             raise FileNotFoundError(f"tokenizer {spec!r}: no file {path}")
         if kind == "wordpiece":
             return WordpieceTokenizer(path)

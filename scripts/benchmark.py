@@ -27,16 +27,22 @@ reported, with trainer_overhead = trainer / bare - 1.
 `step`: one object per config: step_ms (median), images_per_sec, peak_bytes, and
 host_memory_kept (whether scripts/host_memory.py's malloc tuning is on; HETXL_KEEP_HOST_MEMORY=0
 turns it off to measure without it). How close the step comes to the machine's matmul speed:
-matmul_peak_gflops is a plain f32 --matmul-size square matmul (XLA's default precision, as in the
-step) on the first device, its calls alternating with the step's so both see the same load;
-step_gflop is XLA's flop count of the compiled step (`cost_analysis`, per device; it counts a
-while loop's body once, so HET-XL's scan over sample chunks and the RNG's loops are undercounted:
-by 0.4 GFLOP of 275, 0.15%, for configs/bench_ti.py:loss=hetxl); step_gflops = step_gflop / step
-time, and peak_fraction = step_gflops / matmul_peak_gflops. With --reference-big-vision DIR the
-same run also builds big_vision's two-tower step of the same model from a big_vision checkout at
-DIR and alternates its calls with ours: reference_step_ms, reference_peak_bytes,
-reference_step_gflop and step_vs_reference = step_ms / reference_step_ms (see
-scripts/benchmark_reference.py).
+matmul_peak_gflops is a plain --matmul-size square matmul (XLA's default precision, as in the
+step) on the first device, in the dtype of the step's matmuls (matmul_dtype: the image tower's
+dtype_mm, float32 unless the config sets bfloat16, as configs/bench_b16.py does), its calls
+alternating with the step's so both see the same load. step_gflop is the matmul and
+convolution FLOPs of the step, counted from its jaxpr (contrastive/flop_count.py: the same on
+every platform, scans counted `length` times, rematerialised work included, so model FLOPs only
+without scan's remat), divided by the number of devices; the probe's is counted the same way.
+XLA's own counts are not used: the compiled CPU step's agrees to ~1.5% (273.7 vs 269.7 GFLOP for
+configs/bench_ti.py:loss=clip, the difference being elementwise work), but on an H200 the
+compiled step's missed the matmuls done by cuBLAS (1,660 of 35,608 GFLOP for
+configs/bench_b16.py), and the probe's came out negative compiled and zero lowered.
+step_gflops = step_gflop / step time, and peak_fraction = step_gflops / matmul_peak_gflops.
+With --reference-big-vision DIR the same run also builds big_vision's two-tower step of the same
+model from a big_vision checkout at DIR and alternates its calls with ours: reference_step_ms,
+reference_peak_bytes, reference_step_gflop and step_vs_reference = step_ms / reference_step_ms
+(see scripts/benchmark_reference.py).
 
 `head`: the train step of a classification head alone for each head, K and S (see
 scripts/benchmark_head.py for its rows and how they are measured).
@@ -157,7 +163,7 @@ def config_spec(config: str, loss: str | None) -> str:
 
 def load_benchmark_config(args, overrides) -> tuple[str, dict]:
     """(spec, validated config values) of --config with --loss and the overrides applied."""
-    from contrastive.trainer import validate_config
+    from contrastive.validation import validate_config
 
     spec = config_spec(args.config, args.loss)
     values = validate_config(load_config(spec, overrides))
@@ -171,12 +177,13 @@ def load_benchmark_config(args, overrides) -> tuple[str, dict]:
 
 
 def compiled_step(values):
-    """(mesh, compiled step, state, device batch, run length in steps) for the train step of a
-    validated config on a random batch of its shapes."""
+    """(mesh, compiled step, its FLOPs, state, device batch, run length in steps) for the train
+    step of a validated config on a random batch of its shapes."""
     import jax
     import numpy as np
 
     from contrastive.experiment import build_experiment
+    from contrastive.flop_count import matmul_flops
     from contrastive.mesh import batch_sharding, make_mesh
     from models.two_towers import example_inputs
 
@@ -196,24 +203,32 @@ def compiled_step(values):
         },
         batch_sharding(mesh),
     )
+    # The count covers the whole mesh's computation; each device does an equal share of it.
+    per_device_flops = matmul_flops(step, state, batch) / mesh.size
     compiled = step.lower(state, batch).compile()
-    return mesh, compiled, state, batch, experiment.num_steps
+    return mesh, compiled, per_device_flops, state, batch, experiment.num_steps
 
 
-def matmul_probe(size: int, device):
-    """(compiled f32[size, size] @ f32[size, size] on device, its operands, its XLA flop count)."""
+def matmul_dtype(values) -> str:
+    """The dtype of the step's matmuls: the image tower's dtype_mm (float32 unless set)."""
+    return (values["model"].get("image_tower") or {}).get("dtype_mm") or "float32"
+
+
+def matmul_probe(size: int, device, dtype: str = "float32"):
+    """(compiled dtype[size, size] @ dtype[size, size] on device, its operands, its FLOPs)."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
-    from contrastive.xla_stats import flops
+    from contrastive.flop_count import matmul_flops
 
     generator = np.random.default_rng(0)
     operands = [
-        jax.device_put(generator.normal(size=(size, size)).astype(np.float32), device)
+        jax.device_put(jnp.asarray(generator.normal(size=(size, size)), dtype), device)
         for _ in range(2)
     ]
-    compiled = jax.jit(lambda a, b: a @ b).lower(*operands).compile()
-    return compiled, operands, flops(compiled)
+    product = jax.jit(lambda a, b: a @ b)
+    return product.lower(*operands).compile(), operands, matmul_flops(product, *operands)
 
 
 def significant(value: float, digits: int = 4) -> float:
@@ -226,7 +241,7 @@ def benchmark_step(args, overrides=()) -> list[dict]:
     same model (scripts/benchmark_reference.py)."""
     import jax
 
-    from contrastive.xla_stats import flops, peak_bytes
+    from contrastive.xla_stats import peak_bytes
     from scripts import benchmark_reference
 
     spec, values = load_benchmark_config(args, overrides)
@@ -236,8 +251,11 @@ def benchmark_step(args, overrides=()) -> list[dict]:
         if args.reference_big_vision
         else None
     )
-    mesh, compiled, state, batch, num_steps = compiled_step(values)
-    matmul, operands, matmul_flops = matmul_probe(args.matmul_size, mesh.devices.flat[0])
+    mesh, compiled, step_flops, state, batch, num_steps = compiled_step(values)
+    probe_dtype = matmul_dtype(values)
+    matmul, operands, matmul_flops = matmul_probe(
+        args.matmul_size, mesh.devices.flat[0], probe_dtype
+    )
 
     def step_call():
         nonlocal state
@@ -246,7 +264,7 @@ def benchmark_step(args, overrides=()) -> list[dict]:
 
     calls = {"step": step_call, "matmul": lambda: matmul(*operands)}
     if reference_model is not None:
-        reference, reference_state = benchmark_reference.compiled_reference_step(
+        reference, reference_state, reference_flops = benchmark_reference.compiled_reference_step(
             reference_model, values, mesh, batch, num_steps
         )
 
@@ -266,7 +284,6 @@ def benchmark_step(args, overrides=()) -> list[dict]:
                 times[name].append((time.perf_counter() - start) * 1e3)
     step_ms = statistics.median(times["step"])
     matmul_peak_gflops = matmul_flops / statistics.median(times["matmul"]) / 1e6
-    step_flops = flops(compiled)
     step_gflops = step_flops / step_ms / 1e6
     batch_size = values["input"]["batch_size"]
     row = dict(
@@ -280,6 +297,7 @@ def benchmark_step(args, overrides=()) -> list[dict]:
         host_memory_kept=host_memory_kept(),
         step_gflop=significant(step_flops / 1e9),
         step_gflops=significant(step_gflops),
+        matmul_dtype=probe_dtype,
         matmul_peak_gflops=significant(matmul_peak_gflops),
         peak_fraction=significant(step_gflops / matmul_peak_gflops),
     )
@@ -288,7 +306,7 @@ def benchmark_step(args, overrides=()) -> list[dict]:
         row.update(
             reference_step_ms=round(reference_ms, 2),
             reference_peak_bytes=peak_bytes(reference),
-            reference_step_gflop=significant(flops(reference) / 1e9),
+            reference_step_gflop=significant(reference_flops / 1e9),
             step_vs_reference=significant(step_ms / reference_ms),
         )
     return [row]
@@ -302,7 +320,7 @@ def benchmark_loop(args, overrides=()) -> list[dict]:
     from contrastive.trainer import PreemptionWatch
 
     spec, values = load_benchmark_config(args, overrides)
-    mesh, compiled, state, batch, _ = compiled_step(values)
+    mesh, compiled, _, state, batch, _ = compiled_step(values)
     state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
 

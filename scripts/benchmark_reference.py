@@ -148,14 +148,16 @@ def reference_model(values: Mapping[str, Any], directory: str):
 
 
 def compiled_reference_step(model, values: Mapping[str, Any], mesh, batch, num_steps: int):
-    """(compiled update, its state (params, opt, rng)) of big_vision's contrastive trainer for
-    `model` (from reference_model) and the config's optimizer over num_steps, on `batch`
-    ({"image", "text"} on `mesh`); call as *state, loss, measurements = step(*state, batch)."""
+    """(compiled update, its state (params, opt, rng), its FLOPs per device) of big_vision's
+    contrastive trainer for `model` (from reference_model) and the config's optimizer over
+    num_steps, on `batch` ({"image", "text"} on `mesh`); call as
+    *state, loss, measurements = step(*state, batch)."""
     import flax
     import jax
     import jax.numpy as jnp
     import optax
 
+    from contrastive.flop_count import matmul_flops
     from contrastive.mesh import replicated
     from contrastive.optim import make_optimizer
 
@@ -198,5 +200,7 @@ def compiled_reference_step(model, values: Mapping[str, Any], mesh, batch, num_s
             measurements[f"l2_{name}"] = jnp.sqrt(sum(jnp.vdot(x, x) for x in leaves))
         return params, opt, rng, loss, measurements
 
-    compiled = jax.jit(update, donate_argnums=(0, 1)).lower(*state, batch).compile()
-    return compiled, state
+    update = jax.jit(update, donate_argnums=(0, 1))
+    # Per device, as scripts/benchmark.py counts our step.
+    per_device_flops = matmul_flops(update, *state, batch) / mesh.size
+    return update.lower(*state, batch).compile(), state, per_device_flops

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -62,9 +64,12 @@ def quiet_libraries(verbose: bool = False) -> None:
         message=r"coroutine '.*async_serialize.*' was never awaited",
         category=RuntimeWarning,
     )
+    # Imported here, under a silenced stderr, so their C++ start-up logs never show. A benchmark
+    # host may have no TensorFlow at all: the step benchmarks need none.
     with _stderr_to_devnull():
-        import tensorflow  # noqa: F401
-        import tensorflow_text  # noqa: F401
+        for name in ("tensorflow", "tensorflow_text"):
+            if importlib.util.find_spec(name) is not None:
+                importlib.import_module(name)
 
 
 def _not_from_orbax(record: logging.LogRecord) -> bool:

@@ -30,7 +30,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow as tf
 from jax.sharding import Mesh
 
 from contrastive.evaluators.classification import ClassificationEvaluator
@@ -40,6 +39,7 @@ from contrastive.evaluators.zeroshot import MonteCarlo, ZeroShotEvaluator
 from contrastive.experiment import sampling_from_config
 from data.config import InputConfig, validate_input_config
 from data.config_blocks import ConfigError
+from data.lazy_tf import tf
 from data.ops import PP_OPS
 from data.pipeline import LocalBatchIterator, make_local_iterator
 from data.preprocess import parse_pp

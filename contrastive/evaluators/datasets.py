@@ -24,10 +24,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import tensorflow_datasets as tfds
-
 from data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
 from data.image_folder import list_image_folder
+from data.lazy_tf import tfds
 from data.zeroshot_texts import (
     FASHION_MNIST_CLASSNAMES,
     clip_templates,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data.ops import PP_OPS
+from data.ops import PP_OPS, RESIZE_METHODS
 from data.preprocess import PreprocessError, parse_pp, split_ops
 from tests.data.helpers import encode_image
 
@@ -211,3 +211,10 @@ def test_tokenize_op_writes_padded_int32_ids():
     ids = out["ids"].numpy().tolist()
     assert ids[0] == 101 and 102 in ids and ids[-1] == 0
     assert out["text"].numpy() == b"a shoe"
+
+
+def test_the_resize_methods_checked_without_tensorflow_are_tensorflows():
+    methods = tf.image.ResizeMethod
+    assert RESIZE_METHODS == tuple(
+        sorted(getattr(methods, name) for name in dir(methods) if name.isupper())
+    )

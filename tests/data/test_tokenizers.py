@@ -141,3 +141,20 @@ def test_sentencepiece_rejects_models_without_pad_zero(tmp_path):
 def test_unknown_tokenizer_spec_lists_the_forms():
     with pytest.raises(ValueError, match="minilm.*wordpiece.*sentencepiece"):
         make_tokenizer("gpt2")
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "sentencepiece"])
+def test_a_tokenizer_first_used_inside_one_dataset_graph_serves_others(kind, sentencepiece_model):
+    # The TF Text op is built at the first tokenize call, which here comes while tf.data traces
+    # a map function; a second dataset's graph and eager code must be able to use it too.
+    if kind == "wordpiece":
+        tokenizer = WordpieceTokenizer(minilm_vocab_path())
+    else:
+        tokenizer = SentencepieceTokenizer(sentencepiece_model)
+    texts = ["a photo of a boot", "a plain coat"]
+    streams = [
+        tf.data.Dataset.from_tensor_slices(texts).map(lambda t: tokenizer.tokenize(t, 12))
+        for _ in range(2)
+    ]
+    first, second = ([row.tolist() for row in stream.as_numpy_iterator()] for stream in streams)
+    assert first == second == tokenizer.tokenize(tf.constant(texts), 12).numpy().tolist()

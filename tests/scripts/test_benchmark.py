@@ -5,10 +5,14 @@ loop command, and the head command (rows, parameter counts, the memory fit check
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from scripts import benchmark
+from tests import REPO
 from tests.contrastive.test_trainer import contrastive_config, fashion_dir  # noqa: F401
 from tests.scripts.test_entry_points import tiny_demo_overrides
 
@@ -82,6 +86,7 @@ def test_step_benchmark_applies_loss_and_overrides_to_a_config_in_epochs(
     assert row["step_ms"] > 0 and row["peak_bytes"] > 0
     assert row["images_per_sec"] == pytest.approx(8 / row["step_ms"] * 1e3, rel=0.01)
     assert row["step_gflop"] > 0 and row["matmul_peak_gflops"] > 0
+    assert row["matmul_dtype"] == "float32"  # the demo's towers multiply in f32
     assert row["step_gflops"] == pytest.approx(row["step_gflop"] / row["step_ms"] * 1e3, rel=2e-3)
     assert row["peak_fraction"] == pytest.approx(
         row["step_gflops"] / row["matmul_peak_gflops"], rel=2e-3
@@ -99,6 +104,56 @@ def test_step_benchmark_refuses_a_loss_its_config_does_not_read(
     )
     with pytest.raises(SystemExit, match="--loss clip: .* builds a hetxl loss"):
         benchmark.main(["step", "--config", str(tmp_path / "fixed.py"), "--loss", "clip"])
+
+
+# Runs a module as a host without TensorFlow would: the import system's path finder does not see
+# TensorFlow, TF Text or TFDS (importlib.util.find_spec answers None, imports raise). At exit it
+# reports whether any of them got imported anyway.
+WITHOUT_TENSORFLOW = """
+import importlib.machinery, runpy, sys
+HIDDEN = ("tensorflow", "tensorflow_text", "tensorflow_datasets")
+class PathFinderWithoutTensorFlow(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] in HIDDEN:
+            return None
+        return super().find_spec(name, path, target)
+sys.meta_path = [
+    PathFinderWithoutTensorFlow if finder is importlib.machinery.PathFinder else finder
+    for finder in sys.meta_path
+]
+module, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+finally:
+    print("imported:", sorted(name for name in sys.modules if name.partition(".")[0] in HIDDEN))
+"""
+
+
+def test_step_benchmark_runs_on_a_host_without_tensorflow():
+    # An accelerator host may have JAX but no TensorFlow: checking a config and timing the step
+    # on random batches read no data. configs/bench_b16.py's bf16 towers, shrunk to one block.
+    spec = "configs/bench_b16.py:loss=hetxl,batch=8"
+    argv = ["scripts.benchmark", "step", "--config", spec, "--repeats", "1", "--json"]
+    argv += ["--matmul-size", "64", "--config.model.image_tower.variant=mu/32"]
+    argv += ["--config.model.text_tower.variant=mu", "--config.sampling.train_samples=2"]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TENSORFLOW, *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows, imported = result.stdout.strip().splitlines()[-2:]
+    assert imported == "imported: []"
+    (row,) = json.loads(rows)
+    assert (row["config"], row["loss"], row["batch"], row["devices"]) == (spec, "hetxl", 8, 1)
+    # The probe runs in the towers' bf16, so peak_fraction compares like with like.
+    assert row["matmul_dtype"] == "bfloat16"
+    assert row["step_gflop"] > 0 and row["peak_fraction"] > 0
 
 
 def het_extra_params(dim: int, classes: int, factors: int) -> int:
