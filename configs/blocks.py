@@ -30,7 +30,13 @@ def parse_arg(arg: str | None, defaults: dict[str, Any]) -> dict[str, Any]:
         elif default is None:
             values[key] = text
         else:
-            values[key] = type(default)(text)
+            try:
+                values[key] = type(default)(text)
+            except ValueError:
+                raise ValueError(
+                    f"config arg {item!r}: {key} must be of type {type(default).__name__} "
+                    f"(default {default!r})"
+                ) from None
     return values
 
 

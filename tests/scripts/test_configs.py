@@ -52,6 +52,11 @@ def test_unknown_config_argument_is_named():
         load_config("configs/demo.py:lossy=clip")
 
 
+def test_a_config_argument_of_the_wrong_type_names_the_type_it_takes():
+    with pytest.raises(ValueError, match=r"'batch=x': batch must be of type int \(default 256\)"):
+        load_config("configs/bench_b16.py:batch=x")
+
+
 # ------------------------------------------------------------------------------------------------
 # Evaluators built for real
 
