@@ -5,14 +5,13 @@ configs/clip_hetxl.py towers at a batch one device holds.
     python -m scripts.benchmark step --config configs/bench_b16.py[:batch=512] [--loss clip|hetxl]
         --matmul-size 8192 --json
     args: loss=clip|hetxl|siglip, samples=16 (HET-XL MC samples), batch=256, scan=False (True:
-    layers under nn.scan with full rematerialisation, as pod runs use: less memory, the forward
-    pass computed twice, so XLA's flop count is no longer the model's), tokenizer (spec of the
-    vocabulary the config check reads; default minilm; "wordpiece:/path/vocab.txt" on a host
-    without the MiniLM package)
+    layers under nn.scan with full rematerialisation, as pod runs use: less memory, but the
+    recomputed forward passes count in step_gflop, which is then no longer the model's),
+    tokenizer (spec of the vocabulary the config check reads; default minilm;
+    "wordpiece:/path/vocab.txt" on a host without the MiniLM package)
 
 The benchmark's matmul probe runs in the towers' bf16, so peak_fraction is the model FLOPs
-utilisation against the device's measured bf16 matmul speed (with scan=False, where XLA's count is
-the model's: no recomputation).
+utilisation against the device's measured bf16 matmul speed (with scan=False: no recomputation).
 """
 
 from configs import bench_ti, blocks

@@ -8,7 +8,7 @@ so its count is the same on CPU, GPU and TPU.
 
 Counted: dot_general (2 x output size x contracted size) and conv_general_dilated (2 x output size
 x the kernel's size per output feature), the operations MFU conventionally counts; elementwise
-work is left out (on CPU, XLA's count of the configs/bench_ti.py step is ~1% higher for it).
+work is left out (on CPU, XLA's count of the configs/bench_ti.py step is ~1.5% higher for it).
 Scans count their body `length` times (XLA counts a loop's body once); a while loop, whose trip
 count is a run-time value, counts its body once; cond counts its costliest branch; what
 rematerialisation recomputes is counted, since the jaxpr holds it. Inside shard_map the shapes
@@ -28,7 +28,12 @@ from jax.extend import core as jax_core
 def matmul_flops(fn: Callable, *args: Any) -> int:
     """Matmul and convolution FLOPs of one call fn(*args), summed over the whole computation
     (every device's share); args may be arrays or ShapeDtypeStructs."""
-    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+    return jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args))
+
+
+def jaxpr_matmul_flops(closed_jaxpr: jax_core.ClosedJaxpr) -> int:
+    """matmul_flops of a function already traced (`jax.jit(fn).trace(*args).jaxpr`)."""
+    return _jaxpr_flops(closed_jaxpr.jaxpr)
 
 
 def _jaxpr_flops(jaxpr: jax_core.Jaxpr) -> int:
@@ -47,16 +52,14 @@ def _equation_flops(equation) -> int:
         out_feature_axis = params["dimension_numbers"].rhs_spec[0]
         per_output = math.prod(kernel) // kernel[out_feature_axis]
         return 2 * math.prod(equation.outvars[0].aval.shape) * per_output
-    inner = list(_sub_jaxprs(params.values()))
-    if not inner:
-        return 0
-    if name == "scan":
-        return params["length"] * sum(_jaxpr_flops(jaxpr) for jaxpr in inner)
+    inner = [_jaxpr_flops(jaxpr) for jaxpr in _sub_jaxprs(params.values())]
     if name == "cond":
-        return max(_jaxpr_flops(jaxpr) for jaxpr in inner)
+        return max(inner, default=0)
+    if name == "scan":
+        return params["length"] * sum(inner)
     if name == "shard_map":
-        return _manual_devices(params) * sum(_jaxpr_flops(jaxpr) for jaxpr in inner)
-    return sum(_jaxpr_flops(jaxpr) for jaxpr in inner)
+        return _manual_devices(params) * sum(inner)
+    return sum(inner)
 
 
 def _sub_jaxprs(values: Iterable[Any]):

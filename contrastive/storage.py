@@ -15,14 +15,11 @@ from __future__ import annotations
 import posixpath
 
 from data.lazy_tf import tf
+from data.paths import is_remote
+from data.paths import read_bytes as read_bytes  # local files without TensorFlow, URLs by gfile
 
 # Schemes tensorstore (which orbax uses for array data) can write to besides local files.
 CHECKPOINT_SCHEMES = ("gs://", "s3://")
-
-
-def is_remote(path: str) -> bool:
-    """True for URLs such as gs://bucket/run (anything with a scheme)."""
-    return "://" in str(path)
 
 
 def join(base: str, *parts: str) -> str:
@@ -52,11 +49,6 @@ def remove(path: str) -> None:
 
 def read_text(path: str) -> str:
     with tf.io.gfile.GFile(str(path), "r") as f:
-        return f.read()
-
-
-def read_bytes(path: str) -> bytes:
-    with tf.io.gfile.GFile(str(path), "rb") as f:
         return f.read()
 
 

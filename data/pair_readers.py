@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from data.lazy_tf import tf
+from data.paths import is_remote
 
 FORMATS = ("csv", "tsv", "jsonl", "folder", "webdataset")
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
@@ -121,10 +122,10 @@ def _check_utf8(text: str) -> None:
 
 def resolve(base_dir: str, path: str) -> str:
     """`path` relative to `base_dir` unless it is absolute or a URL (gs://...)."""
-    if "://" in path or posixpath.isabs(path):
+    if is_remote(path) or posixpath.isabs(path):
         return path
     joined = posixpath.join(base_dir, path)
-    return joined if "://" in joined else posixpath.normpath(joined)
+    return joined if is_remote(joined) else posixpath.normpath(joined)
 
 
 # ---------------------------------------------------------------------------------------------

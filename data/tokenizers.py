@@ -22,6 +22,7 @@ import sentencepiece as spm
 
 from data.lazy_tf import tf, tf_text
 from data.package_files import minilm_vocab_path
+from data.paths import is_file, read_bytes
 
 PAD_ID = 0
 
@@ -30,21 +31,6 @@ def _pad_to(ids: tf.RaggedTensor, max_len: int) -> tf.Tensor:
     """Ragged int ids [N, (len)] -> int32 [N, max_len], truncated or right-padded with 0."""
     dense, _ = tf_text.pad_model_inputs(ids[:, :max_len], max_seq_length=max_len, pad_value=PAD_ID)
     return tf.cast(dense, tf.int32)
-
-
-def _read_bytes(path: str) -> bytes:
-    """A file's bytes: local paths with plain Python, so that checking a config needs no
-    TensorFlow (data/lazy_tf.py), URLs (gs://...) through tf.io.gfile."""
-    if "://" not in path:
-        return Path(path).read_bytes()
-    with tf.io.gfile.GFile(path, "rb") as f:
-        return f.read()
-
-
-def _is_file(path: str) -> bool:
-    if "://" not in path:
-        return os.path.isfile(path)
-    return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
 
 
 def _as_batch(text: tf.Tensor) -> tuple[tf.Tensor, bool]:
@@ -70,7 +56,7 @@ class WordpieceTokenizer:
 
     def __init__(self, vocab_path: str | os.PathLike[str]) -> None:
         self.vocab_path = str(vocab_path)
-        text = _read_bytes(self.vocab_path).decode("utf-8")
+        text = read_bytes(self.vocab_path).decode("utf-8")
         # Universal newlines, as text-mode open() reads them; the final newline adds no token.
         vocab = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         if vocab and vocab[-1] == "":
@@ -129,7 +115,7 @@ class SentencepieceTokenizer:
 
     def __init__(self, model_path: str | os.PathLike[str], add_eos: bool = False) -> None:
         self.model_path = str(model_path)
-        model = _read_bytes(self.model_path)
+        model = read_bytes(self.model_path)
         processor = spm.SentencePieceProcessor(model_proto=model)
         if processor.pad_id() != PAD_ID:
             raise ValueError(
@@ -177,7 +163,7 @@ def make_tokenizer(spec: str, add_eos: bool = False) -> Tokenizer:
     if kind == "minilm" and not path:
         return WordpieceTokenizer(minilm_vocab_path())
     if kind in ("wordpiece", "sentencepiece") and path:
-        if not _is_file(path):
+        if not is_file(path):
             raise FileNotFoundError(f"tokenizer {spec!r}: no file {path}")
         if kind == "wordpiece":
             return WordpieceTokenizer(path)

@@ -183,7 +183,7 @@ def compiled_step(values):
     import numpy as np
 
     from contrastive.experiment import build_experiment
-    from contrastive.flop_count import matmul_flops
+    from contrastive.flop_count import jaxpr_matmul_flops
     from contrastive.mesh import batch_sharding, make_mesh
     from models.two_towers import example_inputs
 
@@ -203,10 +203,10 @@ def compiled_step(values):
         },
         batch_sharding(mesh),
     )
+    traced = step.trace(state, batch)  # once, for both the FLOP count and the compile
     # The count covers the whole mesh's computation; each device does an equal share of it.
-    per_device_flops = matmul_flops(step, state, batch) / mesh.size
-    compiled = step.lower(state, batch).compile()
-    return mesh, compiled, per_device_flops, state, batch, experiment.num_steps
+    per_device_flops = jaxpr_matmul_flops(traced.jaxpr) / mesh.size
+    return mesh, traced.lower().compile(), per_device_flops, state, batch, experiment.num_steps
 
 
 def matmul_dtype(values) -> str:
@@ -220,15 +220,15 @@ def matmul_probe(size: int, device, dtype: str = "float32"):
     import jax.numpy as jnp
     import numpy as np
 
-    from contrastive.flop_count import matmul_flops
+    from contrastive.flop_count import jaxpr_matmul_flops
 
     generator = np.random.default_rng(0)
     operands = [
         jax.device_put(jnp.asarray(generator.normal(size=(size, size)), dtype), device)
         for _ in range(2)
     ]
-    product = jax.jit(lambda a, b: a @ b)
-    return product.lower(*operands).compile(), operands, matmul_flops(product, *operands)
+    traced = jax.jit(lambda a, b: a @ b).trace(*operands)
+    return traced.lower().compile(), operands, jaxpr_matmul_flops(traced.jaxpr)
 
 
 def significant(value: float, digits: int = 4) -> float:

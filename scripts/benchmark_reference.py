@@ -157,7 +157,7 @@ def compiled_reference_step(model, values: Mapping[str, Any], mesh, batch, num_s
     import jax.numpy as jnp
     import optax
 
-    from contrastive.flop_count import matmul_flops
+    from contrastive.flop_count import jaxpr_matmul_flops
     from contrastive.mesh import replicated
     from contrastive.optim import make_optimizer
 
@@ -200,7 +200,7 @@ def compiled_reference_step(model, values: Mapping[str, Any], mesh, batch, num_s
             measurements[f"l2_{name}"] = jnp.sqrt(sum(jnp.vdot(x, x) for x in leaves))
         return params, opt, rng, loss, measurements
 
-    update = jax.jit(update, donate_argnums=(0, 1))
+    traced = jax.jit(update, donate_argnums=(0, 1)).trace(*state, batch)
     # Per device, as scripts/benchmark.py counts our step.
-    per_device_flops = matmul_flops(update, *state, batch) / mesh.size
-    return update.lower(*state, batch).compile(), state, per_device_flops
+    per_device_flops = jaxpr_matmul_flops(traced.jaxpr) / mesh.size
+    return traced.lower().compile(), state, per_device_flops
