@@ -53,6 +53,7 @@ class TextTransformer(nn.Module):
     scan: bool = False
     remat_policy: str = "nothing_saveable"
     dtype_mm: str = "float32"
+    attention_impl: str = "flax"
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
@@ -86,13 +87,17 @@ class TextTransformer(nn.Module):
             scan=self.scan,
             remat_policy=self.remat_policy,
             dtype_mm=self.dtype_mm,
+            attention_impl=self.attention_impl,
             name="Encoder_0",
         )(x, mask, deterministic=not train)
         aux: dict[str, jax.Array] = {"encoded": x}
 
         if self.pool_type == "map":
             pooled = vit.MAPHead(
-                num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype_mm=self.dtype_mm
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                dtype_mm=self.dtype_mm,
+                attention_impl=self.attention_impl,
             )(x, is_token)
         else:
             pooled = _pool(x, is_token, self.pool_type)

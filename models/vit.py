@@ -40,6 +40,33 @@ import numpy as np
 
 POOL_TYPES = ("tok", "gap", "map")
 POSEMB_TYPES = ("learn", "sincos2d")
+# "flax": flax's einsum attention (the default; what big_vision runs). "xla" / "cudnn": the same
+# attention through jax.nn.dot_product_attention with that implementation; "cudnn" is cuDNN's fused
+# (flash) kernel, NVIDIA GPUs only, bf16/fp16 matmuls and head sizes it supports.
+ATTENTION_IMPLS = ("flax", "xla", "cudnn")
+
+
+def attention_function(impl: str):
+    """The `attention_fn` of nn.MultiHeadDotProductAttention for `impl` (one of ATTENTION_IMPLS).
+
+    Both take q, k, v as [B, L, heads, head_dim] and a bool mask broadcastable to
+    [B, heads, Lq, Lk], so the parameters and the result are the same whichever runs.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"Unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
+    if impl == "flax":
+        return nn.dot_product_attention
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        # Fail at model construction instead of deep inside XLA's compile.
+        raise ValueError(
+            "attention_impl='cudnn' runs only on NVIDIA GPUs, but JAX's backend here is "
+            f"{jax.default_backend()!r}: use attention_impl='flax' (or 'xla')"
+        )
+
+    def attention(query, key, value, mask=None):
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
+
+    return attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +165,7 @@ class Encoder1DBlock(nn.Module):
     num_heads: int = 12
     dropout: float = 0.0
     dtype_mm: str = "float32"
+    attention_impl: str = "flax"
 
     @nn.compact
     def __call__(
@@ -149,6 +177,7 @@ class Encoder1DBlock(nn.Module):
             kernel_init=nn.initializers.xavier_uniform(),
             deterministic=deterministic,
             dtype=self.dtype_mm,
+            attention_fn=attention_function(self.attention_impl),
         )(y, y, mask=mask)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         x = x + y
@@ -186,6 +215,7 @@ class Encoder(nn.Module):
     scan: bool = False
     remat_policy: str = "nothing_saveable"
     dtype_mm: str = "float32"
+    attention_impl: str = "flax"
 
     @nn.compact
     def __call__(
@@ -196,6 +226,7 @@ class Encoder(nn.Module):
             num_heads=self.num_heads,
             dropout=self.dropout,
             dtype_mm=self.dtype_mm,
+            attention_impl=self.attention_impl,
         )
         if self.scan:
             if not hasattr(jax.checkpoint_policies, self.remat_policy):
@@ -230,6 +261,7 @@ class MAPHead(nn.Module):
     mlp_dim: int | None = None
     num_heads: int = 12
     dtype_mm: str = "float32"
+    attention_impl: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -241,6 +273,11 @@ class MAPHead(nn.Module):
             num_heads=self.num_heads,
             kernel_init=nn.initializers.xavier_uniform(),
             dtype=self.dtype_mm,
+            # cuDNN's fused kernel refuses a query of length 1 ("Unsupported sequence length Q 1")
+            # and the probe's attention is a sliver of the model: jax.nn's XLA version runs it.
+            attention_fn=attention_function(
+                "xla" if self.attention_impl == "cudnn" else self.attention_impl
+            ),
         )(probe, x, mask=attn_mask)
         # Back to the float32 activation dtype; only the matmuls run in dtype_mm.
         x = x.astype(jnp.float32)
@@ -320,6 +357,7 @@ class ViT(nn.Module):
     scan: bool = False
     remat_policy: str = "nothing_saveable"
     dtype_mm: str = "float32"
+    attention_impl: str = "flax"
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
@@ -376,6 +414,7 @@ class ViT(nn.Module):
             scan=self.scan,
             remat_policy=self.remat_policy,
             dtype_mm=self.dtype_mm,
+            attention_impl=self.attention_impl,
             name="Transformer",
         )(x, deterministic=not train)
 
@@ -385,7 +424,10 @@ class ViT(nn.Module):
             pooled, encoded = jnp.mean(x, axis=1), x
         else:
             pooled = MAPHead(
-                num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype_mm=self.dtype_mm
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                dtype_mm=self.dtype_mm,
+                attention_impl=self.attention_impl,
             )(x)
             encoded = x
         aux["encoded"] = encoded

@@ -29,11 +29,15 @@ host_memory_kept (whether scripts/host_memory.py's malloc tuning is on; HETXL_KE
 turns it off to measure without it). How close the step comes to the machine's matmul speed:
 matmul_peak_gflops is a plain --matmul-size square matmul (XLA's default precision, as in the
 step) on the first device, in the dtype of the step's matmuls (matmul_dtype: the image tower's
-dtype_mm, float32 unless the config sets bfloat16, as configs/bench_b16.py does), its calls
-alternating with the step's so both see the same load. step_gflop is the matmul and
-convolution FLOPs of the step, counted from its jaxpr (contrastive/flop_count.py: the same on
-every platform, scans counted `length` times, rematerialised work included, so model FLOPs only
-without scan's remat), divided by the number of devices; the probe's is counted the same way.
+dtype_mm, float32 unless the config sets bfloat16, as configs/bench_b16.py does), timed two
+ways: call by call, alternating with the step's calls so both see the same load, and as one
+burst of --repeats calls waited for once (no per-call dispatch and sync, which slow a GPU's
+millisecond matmul); the peak is the faster. step_gflop is the matmul and convolution FLOPs of
+the step, counted from its jaxpr (contrastive/flop_count.py: the same on every platform, scans
+counted `length` times, rematerialised work included, so model FLOPs only without scan's
+remat), divided by the number of devices; the probe's is counted the same way. A step whose
+towers use a fused attention kernel (attention_impl "xla" or "cudnn") is counted on the same
+step with flax's einsum attention: cuDNN's kernel is a custom call no jaxpr looks into.
 XLA's own counts are not used: the compiled CPU step's agrees to ~1.5% (273.7 vs 269.7 GFLOP for
 configs/bench_ti.py:loss=clip, the difference being elementwise work), but on an H200 the
 compiled step's missed the matmuls done by cuBLAS (1,660 of 35,608 GFLOP for
@@ -204,9 +208,28 @@ def compiled_step(values):
         batch_sharding(mesh),
     )
     traced = step.trace(state, batch)  # once, for both the FLOP count and the compile
+    einsum_values = with_einsum_attention(values)
+    if einsum_values is not None:
+        # A fused attention kernel is one custom call whose matmuls no jaxpr shows; the model's
+        # FLOPs are those of the same step with einsum attention (same parameters, same batch).
+        count_step = build_experiment(einsum_values, mesh).train_step(shardings)
+        count_jaxpr = count_step.trace(state, batch).jaxpr
+    else:
+        count_jaxpr = traced.jaxpr
     # The count covers the whole mesh's computation; each device does an equal share of it.
-    per_device_flops = jaxpr_matmul_flops(traced.jaxpr) / mesh.size
+    per_device_flops = jaxpr_matmul_flops(count_jaxpr) / mesh.size
     return mesh, traced.lower().compile(), per_device_flops, state, batch, experiment.num_steps
+
+
+def with_einsum_attention(values) -> dict | None:
+    """`values` with every tower's attention_impl set to "flax" (einsum attention), or None where
+    none is set otherwise."""
+    model = dict(values["model"])
+    for name in ("image_tower", "text_tower"):
+        tower = model.get(name) or {}
+        if tower.get("attention_impl", "flax") != "flax":
+            model[name] = {**tower, "attention_impl": "flax"}
+    return None if model == values["model"] else {**values, "model": model}
 
 
 def matmul_dtype(values) -> str:
@@ -260,7 +283,8 @@ def benchmark_step(args, overrides=()) -> list[dict]:
     def step_call():
         nonlocal state
         state, metrics = compiled(state, batch)
-        return metrics
+        # The caller waits for the new state too: metrics can be ready before the update is.
+        return state, metrics
 
     calls = {"step": step_call, "matmul": lambda: matmul(*operands)}
     if reference_model is not None:
@@ -271,7 +295,7 @@ def benchmark_step(args, overrides=()) -> list[dict]:
         def reference_call():
             nonlocal reference_state
             *reference_state, loss, measurements = reference(*reference_state, batch)
-            return loss, measurements
+            return reference_state, loss, measurements
 
         calls["reference"] = reference_call
     # The calls alternate, so every one sees the same machine load; the first round warms up.
@@ -282,8 +306,14 @@ def benchmark_step(args, overrides=()) -> list[dict]:
             jax.block_until_ready(fn())
             if index:
                 times[name].append((time.perf_counter() - start) * 1e3)
+    # The probe also runs back to back, waited for once: per-call dispatch and sync cost a 1-2 ms
+    # GPU matmul a tenth of its speed. The peak is the faster of the two ways.
+    start = time.perf_counter()
+    jax.block_until_ready([matmul(*operands) for _ in range(args.repeats)])
+    burst_ms = (time.perf_counter() - start) * 1e3 / args.repeats
     step_ms = statistics.median(times["step"])
-    matmul_peak_gflops = matmul_flops / statistics.median(times["matmul"]) / 1e6
+    matmul_ms = min(statistics.median(times["matmul"]), burst_ms)
+    matmul_peak_gflops = matmul_flops / matmul_ms / 1e6
     step_gflops = step_flops / step_ms / 1e6
     batch_size = values["input"]["batch_size"]
     row = dict(

@@ -376,16 +376,17 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "text_encoder_ignores_dtype_mm",
         "models/text_transformer.py",
-        '            dtype_mm=self.dtype_mm,\n            name="Encoder_0",',
-        '            name="Encoder_0",',
+        "            dtype_mm=self.dtype_mm,\n            attention_impl",
+        "            attention_impl",
         (f"{TEXT}::test_bfloat16_matmuls_keep_float32_params_and_features",),
     ),
     Mutation(
         "text_map_head_ignores_dtype_mm",
         "models/text_transformer.py",
-        "num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype_mm=self.dtype_mm\n"
+        "                dtype_mm=self.dtype_mm,\n"
+        "                attention_impl=self.attention_impl,\n"
         "            )(x, is_token)",
-        "num_heads=self.num_heads, mlp_dim=self.mlp_dim\n            )(x, is_token)",
+        "                attention_impl=self.attention_impl,\n            )(x, is_token)",
         (f"{TEXT}::test_bfloat16_matmuls_keep_float32_params_and_features",),
     ),
     Mutation(

@@ -110,6 +110,17 @@ def test_forward_matches_numpy_reference(pool, causal):
     np.testing.assert_allclose(features, expected, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_jax_nn_attention_matches_numpy_reference(causal):
+    # attention_impl="xla" runs jax.nn.dot_product_attention (the function "cudnn" runs on GPUs)
+    # with the key-padding, causal and MAP-pooling masks laid out as flax's attention takes them.
+    model = text_transformer.Model(**TINY, pool_type="map", causal=causal, attention_impl="xla")
+    params = init(model)
+    features, _ = apply(model, params, TOKENS)
+    expected = np_text_transformer(params, TOKENS, TINY["depth"], "map", causal)
+    np.testing.assert_allclose(features, expected, atol=2e-5, rtol=2e-5)
+
+
 def test_causal_mask_hides_future_tokens():
     tokens = TOKENS[2:3]
     changed = tokens.copy()
@@ -187,3 +198,5 @@ def test_invalid_configurations_fail_clearly():
         init(text_transformer.Model(**TINY, pool_type="cls"))
     with pytest.raises(ValueError, match="patch size"):
         text_transformer.Model(vocab_size=VOCAB, variant="B/16")
+    with pytest.raises(ValueError, match="Unknown attention_impl 'flash'"):
+        init(text_transformer.Model(**TINY, attention_impl="flash"))

@@ -243,6 +243,19 @@ def test_forward_matches_numpy_reference(pool, posemb, posemb_cls):
     assert ("MAPHead_0" in params) == (pool == "map")
 
 
+@pytest.mark.parametrize("pool", ["gap", "map"])
+def test_jax_nn_attention_matches_numpy_reference(pool):
+    # attention_impl="xla": jax.nn.dot_product_attention (what "cudnn" runs on GPUs), same params.
+    model = vit.Model(**TINY, pool_type=pool, attention_impl="xla")
+    images = tiny_images()
+    params = model.init(jax.random.key(1), images)["params"]
+    features, _ = model.apply({"params": params}, images)
+    expected = np_vit(params, np.asarray(images, np.float64), 4, 2, pool, "learn", True)
+    np.testing.assert_allclose(features, expected, atol=2e-5, rtol=2e-5)
+    flax_params = vit.Model(**TINY, pool_type=pool).init(jax.random.key(1), images)["params"]
+    assert jax.tree.structure(flax_params) == jax.tree.structure(params)
+
+
 def test_convolutional_stem_matches_numpy_reference():
     model = vit.Model(**TINY, pool_type="gap", stem_channels=(5, 3))
     images = tiny_images()
@@ -433,6 +446,9 @@ def test_invalid_configurations_fail_clearly():
         vit.Model(**TINY, pool_type="cls").init(jax.random.key(0), tiny_images())
     with pytest.raises(ValueError, match="posemb"):
         vit.Model(**TINY, posemb="rope").init(jax.random.key(0), tiny_images())
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="only on NVIDIA GPUs.*use attention_impl='flax'"):
+            vit.Model(**TINY, attention_impl="cudnn").init(jax.random.key(0), tiny_images())
 
 
 def test_tower_registry():

@@ -156,6 +156,23 @@ def test_step_benchmark_runs_on_a_host_without_tensorflow():
     assert row["step_gflop"] > 0 and row["peak_fraction"] > 0
 
 
+def test_a_step_with_fused_attention_counts_the_flops_of_einsum_attention():
+    # cuDNN's fused attention is one custom call in the jaxpr: the FLOPs are counted on the same
+    # step with flax's einsum attention, which has the same parameters.
+    text = {"variant": "B", "attention_impl": "flax"}
+    values = {"loss": {"name": "clip"}, "model": {"image_tower": {"variant": "B/16"}}}
+    assert benchmark.with_einsum_attention(values) is None
+    values["model"].update(
+        image_tower={"variant": "B/16", "attention_impl": "cudnn"}, text_tower=text
+    )
+    einsum = benchmark.with_einsum_attention(values)
+    assert einsum == {
+        "loss": {"name": "clip"},
+        "model": {"image_tower": {"variant": "B/16", "attention_impl": "flax"}, "text_tower": text},
+    }
+    assert values["model"]["image_tower"]["attention_impl"] == "cudnn"  # the timed step's own
+
+
 def het_extra_params(dim: int, classes: int, factors: int) -> int:
     """HET (parameter-efficient) over DET: noise in the K-dim logit space, fixed tau. Two dense
     layers D -> K (diag scale d(x), factor scale v(x), kernel and bias each), the R x K loadings J
