@@ -6,7 +6,8 @@
     path; default MiniLM WordPiece; the text vocabulary is derived from it), batch=32768,
     steps=100000, samples=16, fsdp=1, imagenet_dir (TFDS data_dir holding imagenet2012 for the
     zero-shot eval; empty: no eval), loss=hetxl|clip|siglip and temperature ("": each loss's
-    usual one, or bounded_log | log_scale | fixed for all) for matched baselines
+    usual one, or bounded_log | log_scale | fixed for all) for matched baselines, attention=flax
+    (the towers' attention_impl; cudnn: cuDNN's fused kernel, on NVIDIA GPUs)
 
 Global batch 32k spread over the mesh's data (and optional FSDP) axes; HET-XL noise on the
 image embedding in the 512-d shared space, temperature learned in [0.01, 1] (log-bounded).
@@ -30,6 +31,7 @@ def get_config(arg=None):
             imagenet_dir="",
             loss="hetxl",
             temperature="",
+            attention="flax",
         ),
     )
     tokenizer = (
@@ -54,7 +56,12 @@ def get_config(arg=None):
         ),
         model=dict(
             image_tower=dict(
-                name="vit", variant="B/16", pool_type="map", scan=True, dtype_mm="bfloat16"
+                name="vit",
+                variant="B/16",
+                pool_type="map",
+                scan=True,
+                dtype_mm="bfloat16",
+                attention_impl=args["attention"],
             ),
             text_tower=dict(
                 name="text_transformer",
@@ -63,6 +70,7 @@ def get_config(arg=None):
                 pool_type="last",
                 scan=True,
                 dtype_mm="bfloat16",
+                attention_impl=args["attention"],
             ),
             embed_dim=512,
             noise=blocks.hetxl_noise(args["loss"], num_factors=16),
