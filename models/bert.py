@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import vit
+
 PAD_ID = 0
 
 
@@ -52,6 +54,7 @@ class BertLayer(nn.Module):
     dropout: float
     layer_norm_eps: float
     dtype_mm: str
+    attention_impl: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
@@ -60,6 +63,7 @@ class BertLayer(nn.Module):
             dropout_rate=self.dropout,
             deterministic=deterministic,
             dtype=self.dtype_mm,
+            attention_fn=vit.attention_function(self.attention_impl),
             name="attention",
         )(x, x, mask=mask)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
@@ -91,6 +95,7 @@ class BertTextEncoder(nn.Module):
     dropout: float = 0.0
     head_zeroinit: bool = True
     dtype_mm: str = "float32"
+    attention_impl: str = "flax"  # see vit.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(
@@ -103,6 +108,12 @@ class BertTextEncoder(nn.Module):
     ) -> tuple[jax.Array, dict]:
         if tokens.shape[1] > self.max_len:
             raise ValueError(f"Text length {tokens.shape[1]} exceeds max_len {self.max_len}")
+        if self.dropout and self.attention_impl != "flax":
+            # jax.nn.dot_product_attention has no dropout of the attention weights.
+            raise ValueError(
+                f"dropout={self.dropout} needs attention_impl='flax' (BERT drops attention "
+                f"weights; attention_impl={self.attention_impl!r} cannot)"
+            )
         is_token = (tokens != PAD_ID) if attention_mask is None else (attention_mask != 0)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(tokens)
@@ -124,6 +135,7 @@ class BertTextEncoder(nn.Module):
                 dropout=self.dropout,
                 layer_norm_eps=self.layer_norm_eps,
                 dtype_mm=self.dtype_mm,
+                attention_impl=self.attention_impl,
                 name=f"layer_{layer}",
             )(x, key_mask, not train)
         aux: dict[str, jax.Array] = {"encoded": x}

@@ -56,17 +56,28 @@ def attention_function(impl: str):
         raise ValueError(f"Unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
     if impl == "flax":
         return nn.dot_product_attention
-    if impl == "cudnn" and jax.default_backend() != "gpu":
-        # Fail at model construction instead of deep inside XLA's compile.
+
+    def attention(query, key, value, mask=None):
+        if impl == "cudnn":
+            _check_cudnn_attention(query.dtype)
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
+
+    return attention
+
+
+def _check_cudnn_attention(dtype) -> None:
+    """Refuses, while the model is traced (config checks trace it), what cuDNN's kernel would
+    refuse later inside XLA's compile."""
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"attention_impl='cudnn' needs bfloat16 or float16 matmuls, but they run in {dtype}: "
+            "set the tower's dtype_mm='bfloat16', or use attention_impl='flax'"
+        )
+    if jax.default_backend() != "gpu":
         raise ValueError(
             "attention_impl='cudnn' runs only on NVIDIA GPUs, but JAX's backend here is "
             f"{jax.default_backend()!r}: use attention_impl='flax' (or 'xla')"
         )
-
-    def attention(query, key, value, mask=None):
-        return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
-
-    return attention
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,6 +72,24 @@ def test_embeddings_match_sentence_transformers(minilm, reference):
     assert aux["encoded"].shape == (6, reference["input_ids"].shape[1], 384)
 
 
+def test_jax_nn_attention_matches_sentence_transformers(reference):
+    # attention_impl="xla": jax.nn.dot_product_attention, the function "cudnn" runs on GPUs, on the
+    # same released weights and padding masks.
+    model = bert.BertTextEncoder(**pretrained.minilm_config(), attention_impl="xla")
+    pooled, _ = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, attention_mask=mask))(
+        pretrained.load_minilm_params(), reference["input_ids"], reference["attention_mask"]
+    )
+    np.testing.assert_allclose(pooled, reference["mean_pooled"], atol=1e-4, rtol=0)
+
+
+def test_attention_dropout_needs_flax_attention():
+    tokens = jnp.ones((1, 4), jnp.int32)
+    model = bert.BertTextEncoder(width=8, depth=1, num_heads=2, mlp_dim=16, max_len=4)
+    with pytest.raises(ValueError, match="dropout=0.1 needs attention_impl='flax'"):
+        model.clone(dropout=0.1, attention_impl="xla").init(jax.random.key(0), tokens)
+    model.clone(dropout=0.1).init(jax.random.key(0), tokens)  # flax's attention drops weights
+
+
 def test_extra_padding_does_not_change_embeddings(minilm, reference):
     model, params = minilm
     ids = reference["input_ids"][:2]

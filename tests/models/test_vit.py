@@ -446,9 +446,13 @@ def test_invalid_configurations_fail_clearly():
         vit.Model(**TINY, pool_type="cls").init(jax.random.key(0), tiny_images())
     with pytest.raises(ValueError, match="posemb"):
         vit.Model(**TINY, posemb="rope").init(jax.random.key(0), tiny_images())
+    with pytest.raises(ValueError, match="cudnn' needs bfloat16 .* run in float32"):
+        vit.Model(**TINY, attention_impl="cudnn").init(jax.random.key(0), tiny_images())
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="only on NVIDIA GPUs.*use attention_impl='flax'"):
-            vit.Model(**TINY, attention_impl="cudnn").init(jax.random.key(0), tiny_images())
+            vit.Model(**TINY, attention_impl="cudnn", dtype_mm="bfloat16").init(
+                jax.random.key(0), tiny_images()
+            )
 
 
 def test_tower_registry():
