@@ -42,7 +42,8 @@ POOL_TYPES = ("tok", "gap", "map")
 POSEMB_TYPES = ("learn", "sincos2d")
 # "flax": flax's einsum attention (the default; what big_vision runs). "xla" / "cudnn": the same
 # attention through jax.nn.dot_product_attention with that implementation; "cudnn" is cuDNN's fused
-# (flash) kernel, NVIDIA GPUs only, bf16/fp16 matmuls and head sizes it supports.
+# (flash) kernel, NVIDIA GPUs only, bf16/fp16 matmuls and head sizes it supports (a one-token
+# query runs XLA's version).
 ATTENTION_IMPLS = ("flax", "xla", "cudnn")
 
 
@@ -58,9 +59,16 @@ def attention_function(impl: str):
         return nn.dot_product_attention
 
     def attention(query, key, value, mask=None):
-        if impl == "cudnn":
+        implementation = impl
+        if impl == "cudnn" and query.shape[1] == 1:
+            # cuDNN's kernel refuses a query of length 1 ("Unsupported sequence length Q 1"), as
+            # in the MAP head's probe: a sliver of the model, which XLA's version runs.
+            implementation = "xla"
+        if implementation == "cudnn":
             _check_cudnn_attention(query.dtype)
-        return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
+        return jax.nn.dot_product_attention(
+            query, key, value, mask=mask, implementation=implementation
+        )
 
     return attention
 
@@ -284,11 +292,7 @@ class MAPHead(nn.Module):
             num_heads=self.num_heads,
             kernel_init=nn.initializers.xavier_uniform(),
             dtype=self.dtype_mm,
-            # cuDNN's fused kernel refuses a query of length 1 ("Unsupported sequence length Q 1")
-            # and the probe's attention is a sliver of the model: jax.nn's XLA version runs it.
-            attention_fn=attention_function(
-                "xla" if self.attention_impl == "cudnn" else self.attention_impl
-            ),
+            attention_fn=attention_function(self.attention_impl),
         )(probe, x, mask=attn_mask)
         # Back to the float32 activation dtype; only the matmuls run in dtype_mm.
         x = x.astype(jnp.float32)
