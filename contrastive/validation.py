@@ -378,7 +378,12 @@ def _check_optimizer(
     else:
         try:
             num_steps = resolve_total_steps(values, train)
-        except (ValueError, OSError) as error:
+        except OSError as error:
+            # Counting an epoch reads the training source: files that are not there are the
+            # source's problem, not the run length's.
+            problems.add("input.source", error)
+            return
+        except ValueError as error:
             problems.add("total_epochs", error)
             return
     try:

@@ -188,6 +188,17 @@ BROKEN = [
         ["input", "unknown source name 'fashion'"],
     ),
     ("zero_batch", "hetxl", edits(("input.batch_size", 0)), ["input", "batch_size=0"]),
+    (
+        # Counting an epoch reads the source: its missing files are named under input.source.
+        "epochs_of_a_missing_data_dir",
+        "hetxl",
+        edits(
+            ("total_steps", None),
+            ("total_epochs", 1.0),
+            ("input.source.data_dir", "/nonexistent/fashion"),
+        ),
+        ["input.source", "train-images", "/nonexistent/fashion"],
+    ),
     ("training_input_with_epochs", "hetxl", edits(("input.num_epochs", 1)), ["input.num_epochs"]),
     (
         "missing_tokenizer_model",
