@@ -69,6 +69,7 @@ import time
 from scripts import benchmark_head, terminal
 from scripts.config_loader import add_config_flag, load_config, parse_args_with_overrides
 from scripts.host_memory import host_memory_kept
+from scripts.terminal import positive_int
 
 # jax and the project's packages are imported where used, after main has parsed its flags and
 # silenced TensorFlow's start-up logs (scripts/terminal.py); --help loads none of them.
@@ -433,13 +434,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     loss = commands.add_parser("loss", help="contrastive losses: value + gradient")
-    loss.add_argument("--batch", type=int, required=True, help="global batch")
-    loss.add_argument("--dim", type=int, required=True, help="embedding dimension")
-    loss.add_argument("--samples", type=int, nargs="+", default=[16], help="HET-XL MC samples")
-    loss.add_argument("--factors", type=int, default=8, help="HET-XL low-rank factors R")
-    loss.add_argument("--sample-chunk", type=int, default=8)
-    loss.add_argument("--column-chunk", type=int, default=1024)
-    loss.add_argument("--repeats", type=int, default=10)
+    loss.add_argument("--batch", type=positive_int, required=True, help="global batch")
+    loss.add_argument("--dim", type=positive_int, required=True, help="embedding dimension")
+    loss.add_argument(
+        "--samples", type=positive_int, nargs="+", default=[16], help="HET-XL MC samples"
+    )
+    loss.add_argument("--factors", type=positive_int, default=8, help="HET-XL low-rank factors R")
+    loss.add_argument("--sample-chunk", type=positive_int, default=8)
+    loss.add_argument("--column-chunk", type=positive_int, default=1024)
+    loss.add_argument("--repeats", type=positive_int, default=10)
     step = commands.add_parser("step", help="the whole train step of a config")
     loop = commands.add_parser("loop", help="the train loop's cost around the compiled step")
     for command in (step, loop):
@@ -450,9 +453,12 @@ def main(argv: list[str] | None = None) -> None:
             default=None,
             help="appended to the config's argument as loss=... (it wins over one given there)",
         )
-    step.add_argument("--repeats", type=int, default=10)
+    step.add_argument("--repeats", type=positive_int, default=10)
     step.add_argument(
-        "--matmul-size", type=int, default=2048, help="side of the square matmul of the peak"
+        "--matmul-size",
+        type=positive_int,
+        default=2048,
+        help="side of the square matmul of the peak",
     )
     step.add_argument(
         "--reference-big-vision",
@@ -461,9 +467,13 @@ def main(argv: list[str] | None = None) -> None:
         help="also time big_vision's two-tower step of the same model, imported from the "
         "big_vision checkout DIR, alternating with ours (see scripts/benchmark_reference.py)",
     )
-    loop.add_argument("--steps", type=int, default=20, help="steps per variant")
-    loop.add_argument("--log_every", type=int, default=10, help="steps between sync points")
-    loop.add_argument("--rounds", type=int, default=2, help="timed rounds (best one reported)")
+    loop.add_argument("--steps", type=positive_int, default=20, help="steps per variant")
+    loop.add_argument(
+        "--log_every", type=positive_int, default=10, help="steps between sync points"
+    )
+    loop.add_argument(
+        "--rounds", type=positive_int, default=2, help="timed rounds (best one reported)"
+    )
     head = commands.add_parser(
         "head",
         help="a classification head's train step for each head, K and S",
@@ -488,9 +498,9 @@ def main(argv: list[str] | None = None) -> None:
         default=["det", "het", "hetxl"],
         help="comma-separated (default: det,het,hetxl)",
     )
-    head.add_argument("--dim", type=int, default=256, help="pre-logit dimension D")
-    head.add_argument("--batch", type=int, default=128, help="global batch")
-    head.add_argument("--repeats", type=int, default=5, help="timed calls per combination")
+    head.add_argument("--dim", type=positive_int, default=256, help="pre-logit dimension D")
+    head.add_argument("--batch", type=positive_int, default=128, help="global batch")
+    head.add_argument("--repeats", type=positive_int, default=5, help="timed calls per combination")
     head.add_argument(
         "--budget-s",
         type=float,

@@ -110,17 +110,18 @@ def _seconds_by_step(seconds: dict[int, float]) -> str:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_flag(parser)
-    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--trials", type=terminal.positive_int, default=3)
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
     parser.add_argument(
-        "--kills_per_trial", type=int, default=1, help="SIGKILLs before a trial's last run"
+        "--kills_per_trial",
+        type=terminal.positive_int,
+        default=1,
+        help="SIGKILLs before a trial's last run",
     )
     parser.add_argument("--workdir_root", help="where the runs go (default: a temporary dir)")
     parser.add_argument("--json", help="also write the results to this file")
     terminal.add_verbose_flag(parser)
     args, overrides = parse_args_with_overrides(parser, argv)
-    if args.trials < 1 or args.kills_per_trial < 1:
-        parser.error("--trials and --kills_per_trial must be at least 1")
     if args.workdir_root:
         root = Path(args.workdir_root)
         if (root / "reference").exists() or any(root.glob("trial_*")):

@@ -64,7 +64,7 @@ def inspect(config: Any, num_batches: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_flag(parser)
-    parser.add_argument("--batches", type=int, default=10)
+    parser.add_argument("--batches", type=terminal.positive_int, default=10)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     terminal.add_verbose_flag(parser)
     args, overrides = parse_args_with_overrides(parser, argv)

@@ -30,6 +30,7 @@ import time
 from typing import TextIO
 
 from scripts.distributed import COORDINATOR_ADDRESS_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
+from scripts.terminal import positive_int
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 POLL_INTERVAL_S = 0.05
@@ -249,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         usage="python -m scripts.local_cluster --processes P --devices_per_process N "
         "[--port PORT] [--grace_s S] -- COMMAND ...",
     )
-    parser.add_argument("--processes", type=int, required=True)
-    parser.add_argument("--devices_per_process", type=int, required=True)
+    parser.add_argument("--processes", type=positive_int, required=True)
+    parser.add_argument("--devices_per_process", type=positive_int, required=True)
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
     parser.add_argument(
         "--grace_s",

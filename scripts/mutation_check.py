@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scripts.planted_bugs import MUTATIONS, Mutation
+from scripts.terminal import positive_int
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -197,7 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument(
-        "--jobs", type=int, default=1, help="mutations tested at once, each on its own copy"
+        "--jobs",
+        type=positive_int,
+        default=1,
+        help="mutations tested at once, each on its own copy",
     )
     parser.add_argument(
         "--timeout",

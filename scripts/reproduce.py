@@ -43,15 +43,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("claim", choices=("contrastive", "classification", "temperature"))
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm")
+    parser.add_argument(
+        "--seeds", type=terminal.positive_int, default=3, help="seeds 0..N-1 per arm"
+    )
     parser.add_argument("--table", action="store_true", help="print the markdown table")
     parser.add_argument("--out", default="results", help="folder of <claim>.json and .md")
     parser.add_argument("--workdir", default=None, help="keep (and reuse) the runs here")
-    parser.add_argument("--steps", type=int, default=300, help="training steps per run")
-    parser.add_argument("--batch", type=int, default=128, help="global batch size")
-    parser.add_argument("--width", type=int, default=64, help="tower width")
-    parser.add_argument("--depth", type=int, default=2, help="tower blocks")
-    parser.add_argument("--embed_dim", type=int, default=64, help="contrastive embedding size")
+    parser.add_argument(
+        "--steps", type=terminal.positive_int, default=300, help="training steps per run"
+    )
+    parser.add_argument(
+        "--batch", type=terminal.positive_int, default=128, help="global batch size"
+    )
+    parser.add_argument("--width", type=terminal.positive_int, default=64, help="tower width")
+    parser.add_argument("--depth", type=terminal.positive_int, default=2, help="tower blocks")
+    parser.add_argument(
+        "--embed_dim", type=terminal.positive_int, default=64, help="contrastive embedding size"
+    )
     parser.add_argument(
         "--label_noise_confusable",
         type=float,
@@ -70,8 +78,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
     terminal.add_verbose_flag(parser)
     args = parser.parse_args(argv)
-    if args.seeds < 1 or args.steps < 1:
-        parser.error("--seeds and --steps must be >= 1")
     return args
 
 

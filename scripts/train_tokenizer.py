@@ -18,7 +18,7 @@ from scripts import terminal
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="text file, one sentence per line")
-    parser.add_argument("--vocab_size", type=int, required=True)
+    parser.add_argument("--vocab_size", type=terminal.positive_int, required=True)
     parser.add_argument("--output", required=True, help="model prefix: writes PREFIX.model")
     parser.add_argument(
         "--model_type", default="unigram", choices=["unigram", "bpe", "word", "char"]

@@ -273,17 +273,19 @@ def plot(report: dict[str, Any], path: str) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--step", type=terminal.non_negative_int, default=None)
     parser.add_argument("--eval", default=None, help="a zeroshot evaluator of the run's config")
     parser.add_argument("--dataset", default=None, help="see contrastive/evaluators/datasets.py")
     parser.add_argument("--data_dir", default=None, help="TFDS data_dir, IDX or image folder")
     parser.add_argument("--split", default=None)
     parser.add_argument("--classnames", default=None, help="file: one class name per line")
     parser.add_argument("--templates", default=None, help="clip80, or a file of templates")
-    parser.add_argument("--mc_samples", type=int, default=0, help="HET-XL MC samples (0: off)")
-    parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument(
+        "--mc_samples", type=terminal.non_negative_int, default=0, help="HET-XL MC samples (0: off)"
+    )
+    parser.add_argument("--batch_size", type=terminal.positive_int, default=None)
     parser.add_argument("--retrieval", action="store_true", help="Recall@K on caption pairs")
-    parser.add_argument("--max_pairs", type=int, default=None)
+    parser.add_argument("--max_pairs", type=terminal.positive_int, default=None)
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT")
     parser.add_argument("--plot", default=None, metavar="PNG", help="reliability diagram")
     distributed.add_flags(parser)
