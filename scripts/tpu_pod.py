@@ -24,6 +24,11 @@ Subcommands (all take --name, --zone, [--project], [--dry_run]):
 runs in the copy's folder on every host; a leading `python` becomes the environment's Python.
 JAX finds the slice's hosts itself (scripts/distributed.py). Every host must read the same data
 and write the same workdir, so both belong in a gs:// bucket on a multi-host slice.
+
+Before anything is created or copied, a command that names `--config` (and `--config.a.b=v`
+overrides) has that config loaded here: a missing file, an unknown config arg or override key,
+or a value of the wrong type exits 2 at once instead of on the slice after minutes of set-up.
+Only loading happens here; the full check, which reads the data, runs on the hosts.
 """
 
 from __future__ import annotations
@@ -62,6 +67,33 @@ def workdir_of(command: list[str]) -> str | None:
         if arg.startswith("--workdir="):
             return arg.partition("=")[2]
     return None
+
+
+def config_problems(command: list[str]) -> list[str]:
+    """What loading the command's --config with its overrides refuses ([] when it loads or the
+    command names no config): checked on this machine, where the working tree that every host
+    gets lives."""
+    from scripts.config_loader import load_config, split_overrides
+
+    try:
+        overrides, rest = split_overrides(command)
+    except ValueError as error:
+        return [str(error)]
+    spec = None
+    for i, arg in enumerate(rest):
+        if arg == "--config" and i + 1 < len(rest):
+            spec = rest[i + 1]
+        elif arg.startswith("--config="):
+            spec = arg.partition("=")[2]
+    if spec is None:
+        return []
+    from data.config_blocks import ConfigError
+
+    try:
+        load_config(spec, overrides)
+    except ConfigError as error:
+        return list(error.problems)
+    return []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,9 +182,8 @@ def stream_logs(run: Runner, tpu: Slice, remote_dir: str, worker: str) -> int:
     return SSH_CONNECTION_LOST
 
 
-def run_command(args: argparse.Namespace, run: Runner, hosts: int | None = None) -> int:
+def run_command(args: argparse.Namespace, run: Runner) -> int:
     tpu = Slice(args)
-    warn_about_workdir(args.command, hosts)
     if not args.skip_setup:
         archive_name = f"{Path(args.remote_dir).name}-code.tar.gz"
         archive = str(Path(tempfile.gettempdir()) / f"{args.name}-code.tar.gz")
@@ -203,7 +234,7 @@ def launch(args: argparse.Namespace, run: Runner) -> int:
         )
         raise
     try:
-        return run_command(args, run, slice_hosts(args.accelerator_type))
+        return run_command(args, run)
     finally:
         if args.keep:
             print(
@@ -301,6 +332,18 @@ def main(argv: list[str] | None = None) -> int:
             default_runtime_version(args.accelerator_type) if args.version is None else None
         except ValueError as error:
             parser.error(str(error))
+    if args.subcommand in ("run", "launch"):
+        problems = config_problems(command)
+        if problems:
+            print(
+                "error: the command's config does not load; nothing was created or copied:",
+                *(f"  {problem}" for problem in problems),
+                sep="\n",
+                file=sys.stderr,
+            )
+            return 2
+        hosts = slice_hosts(args.accelerator_type) if args.subcommand == "launch" else None
+        warn_about_workdir(command, hosts)
     run = Runner(args.dry_run)
     if args.subcommand == "create":
         create(args, run)

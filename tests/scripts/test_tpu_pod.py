@@ -5,6 +5,7 @@ The host-side scripts are run here by bash in a temporary folder standing in for
 
 from __future__ import annotations
 
+import io
 import shlex
 import shutil
 import subprocess
@@ -152,7 +153,12 @@ def test_run_delete_logs_and_stop(capsys, no_process):
 
 
 def test_the_printed_start_command_parses_back_to_the_intended_command(capsys, no_process):
-    tricky = [*TRAIN, "--config.name=a b", "--config.note=$HOME `x` \"q\" 'r'; echo no"]
+    # String-valued keys, so that the config still loads with them.
+    tricky = [
+        *TRAIN,
+        "--config.init_from=a b",
+        "--config.input.source.files=$HOME `x` \"q\" 'r'; echo no",
+    ]
     lines, _ = dry_run(capsys, "run", "--env", "A=1 2", command=tricky)
     start = lines[3]  # after packing, copying and installing
     script = remote_script(start)
@@ -194,10 +200,20 @@ def test_missing_or_bad_arguments_are_named(capsys, no_process):
     assert "--env 'A' is not KEY=VALUE" in capsys.readouterr().err
 
 
-def test_a_local_workdir_on_a_multi_host_slice_is_warned_about(capsys, no_process):
-    local = ["python", "-m", "scripts.train", "--config", "c.py", "--workdir", "runs/local"]
-    _, err = dry_run(capsys, "launch", "--accelerator_type", "v4-32", command=local)
-    assert "--workdir runs/local is not a gs:// bucket: on a 4-host slice" in err
+def test_a_local_workdir_on_a_multi_host_slice_is_warned_about_before_anything_is_created(
+    capsys, monkeypatch, no_process
+):
+    local = [*TRAIN[:5], "--workdir", "runs/local"]
+    # Both streams into one, to see the warning's place among the printed commands.
+    merged = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", merged)
+    monkeypatch.setattr(sys, "stderr", merged)
+    argv = ["launch", "--accelerator_type", "v4-32", "--name", NAME, "--zone", ZONE, "--dry_run"]
+    assert tpu_pod.main([*argv, "--", *local]) == 0
+    lines = merged.getvalue().splitlines()
+    assert "--workdir runs/local is not a gs:// bucket: on a 4-host slice" in lines[0]
+    assert lines[1].startswith("gcloud compute tpus tpu-vm create")
+    monkeypatch.undo()
     _, err = dry_run(capsys, "launch", "--accelerator_type", "v4-8", command=local)
     assert "warning" not in err
     _, err = dry_run(capsys, "launch", "--accelerator_type", "v4-32", command=TRAIN)
@@ -343,3 +359,32 @@ def test_setup_replaces_the_copy_keeps_the_environment_and_installs_at_the_pin(t
         "install -q -r requirements-tpu.txt jax[tpu]==0.10.2",
         "install -q --no-deps -r requirements-nodeps.txt",
     ]
+
+
+@pytest.mark.parametrize(
+    "config_args, message",
+    [
+        (["--config", "configs/clip_hetxl.py:file=gs://b/x"], "config arg 'file=gs://b/x'"),
+        ([*TRAIN[3:5], "--config.optim.lrr=1e-3"], "config has no optim.lrr"),
+        ([*TRAIN[3:5], "--config.optim.lr", "fast"], "optim.lr"),
+        (["--config=configs/clip_hetx.py"], "no config file configs/clip_hetx.py"),
+        ([*TRAIN[3:5], "--config.optim.lr"], "--config.optim.lr needs a value"),
+    ],
+)
+def test_a_config_that_does_not_load_stops_the_job_before_anything_is_created(
+    capsys, no_process, config_args, message
+):
+    command = ["python", "-m", "scripts.train", "--workdir", "gs://b/r", *config_args]
+    for subcommand in (["launch", "--accelerator_type", "v4-32"], ["run"]):
+        argv = [*subcommand, "--name", NAME, "--zone", ZONE, "--dry_run", "--", *command]
+        assert tpu_pod.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == ""  # not even the dry run's first command
+        assert "nothing was created or copied" in err and message in err, err
+
+
+def test_a_command_without_a_config_is_not_checked(capsys, no_process):
+    lines, _ = dry_run(
+        capsys, "run", command=["python", "-m", "scripts.zeroshot_eval", "--workdir", "gs://b/r"]
+    )
+    assert any("scripts.zeroshot_eval" in line for line in lines)
