@@ -146,11 +146,7 @@ def run(main: Callable[[], Any]) -> int:
         from data.config_blocks import ConfigError  # the entry point has imported it by now
 
         if isinstance(error, ConfigError):
-            lines = error.problems
-            count = f" ({len(lines)} problems)" if len(lines) > 1 else ""
-            print(f"error: invalid config{count}:", file=sys.stderr)
-            for line in lines:
-                print(f"  {line}", file=sys.stderr)
+            report_config_problems(error.problems)
             return 2
         names = [kind.__name__ for kind in type(error).__mro__]
         status = next((QUIET_FAILURES[name] for name in names if name in QUIET_FAILURES), None)
@@ -160,6 +156,14 @@ def run(main: Callable[[], Any]) -> int:
         return status
     # sys.exit of anything but an int prints it and exits 1: a report must not read as a failure.
     return status if isinstance(status, int) else 0
+
+
+def report_config_problems(problems: list[str], heading: str = "invalid config") -> None:
+    """ "error: HEADING (N problems):" on stderr, then one indented line per problem."""
+    count = f" ({len(problems)} problems)" if len(problems) > 1 else ""
+    print(f"error: {heading}{count}:", file=sys.stderr)
+    for line in problems:
+        print(f"  {line}", file=sys.stderr)
 
 
 def _without_closed_loop_reports(hook: Callable) -> Callable:

@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from scripts.terminal import report_config_problems
 from scripts.tpu_pod_commands import (
     Slice,
     default_runtime_version,
@@ -60,13 +61,16 @@ LOG_REATTACH_ATTEMPTS = 5
 QUEUE_POLL_S = 30
 
 
-def workdir_of(command: list[str]) -> str | None:
+def flag_value(command: list[str], flag: str) -> str | None:
+    """The value the command gives `flag` ("--flag VALUE" or "--flag=VALUE"; the last one wins,
+    as in argparse), None if it gives none."""
+    value = None
     for i, arg in enumerate(command):
-        if arg == "--workdir" and i + 1 < len(command):
-            return command[i + 1]
-        if arg.startswith("--workdir="):
-            return arg.partition("=")[2]
-    return None
+        if arg == flag and i + 1 < len(command):
+            value = command[i + 1]
+        elif arg.startswith(f"{flag}="):
+            value = arg.partition("=")[2]
+    return value
 
 
 def config_problems(command: list[str]) -> list[str]:
@@ -79,12 +83,7 @@ def config_problems(command: list[str]) -> list[str]:
         overrides, rest = split_overrides(command)
     except ValueError as error:
         return [str(error)]
-    spec = None
-    for i, arg in enumerate(rest):
-        if arg == "--config" and i + 1 < len(rest):
-            spec = rest[i + 1]
-        elif arg.startswith("--config="):
-            spec = arg.partition("=")[2]
+    spec = flag_value(rest, "--config")
     if spec is None:
         return []
     from data.config_blocks import ConfigError
@@ -156,7 +155,7 @@ def create(args: argparse.Namespace, run: Runner) -> None:
 
 
 def warn_about_workdir(command: list[str], hosts: int | None) -> None:
-    workdir = workdir_of(command)
+    workdir = flag_value(command, "--workdir")
     if workdir is None or workdir.startswith("gs://") or hosts == 1:
         return
     size = f"a {hosts}-host slice" if hosts else "a slice of several hosts"
@@ -335,11 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.subcommand in ("run", "launch"):
         problems = config_problems(command)
         if problems:
-            print(
-                "error: the command's config does not load; nothing was created or copied:",
-                *(f"  {problem}" for problem in problems),
-                sep="\n",
-                file=sys.stderr,
+            report_config_problems(
+                problems, "the command's config does not load; nothing was created or copied"
             )
             return 2
         hosts = slice_hosts(args.accelerator_type) if args.subcommand == "launch" else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
 
 import pytest
@@ -63,8 +65,6 @@ def test_integer_flag_types_accept_their_range(parse, text, value):
     ],
 )
 def test_integer_flag_types_refuse_out_of_range_with_the_value(parse, text, message):
-    import argparse
-
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         parse(text)
 
@@ -93,8 +93,6 @@ BAD_COUNTS = [
     "script, argv, flag", BAD_COUNTS, ids=[f"{s} {a[0]} {f}" for s, a, f in BAD_COUNTS]
 )
 def test_scripts_refuse_a_bad_count_while_parsing(capsys, script, argv, flag):
-    import importlib
-
     module = importlib.import_module(f"scripts.{script}")
     with pytest.raises(SystemExit) as exit:
         module.main(argv)
