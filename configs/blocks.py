@@ -194,5 +194,11 @@ def hetxl_noise(loss: str, num_factors: int = 8) -> dict | None:
     return dict(num_factors=num_factors, diag_scale_init=0.01, kernel_init_scale=0.01)
 
 
+def noise_grad_norms(parameters: str | None) -> dict | None:
+    """grad_norm_groups logging the gradient reaching the noise layers (regex of their path),
+    or None for a model without noise."""
+    return None if parameters is None else {"noise": parameters}
+
+
 def config_dict(**blocks) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(blocks)

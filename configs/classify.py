@@ -4,8 +4,9 @@
     args: head=det|het|hetxl, dataset (a TFDS image-label dataset, default: the Fashion-MNIST
     files), data_dir (the TFDS data_dir, or the folder of the Fashion-MNIST IDX files),
     classes=10, steps=2000, batch=256, samples=16, factors=8,
-    label_noise_confusable=0.0, label_noise_other=0.0, label_noise_seed=0 (input-dependent label
-    noise on the Fashion-MNIST training labels, data/fashion_mnist.py), tau=0.0 (> 0: a fixed
+    label_noise_model=class|image, label_noise_confusable=0.0, label_noise_other=0.0 (class),
+    label_noise_rate=0.0 (image), label_noise_seed=0 (label noise on the Fashion-MNIST training
+    labels, data/label_noise.py), tau=0.0 (> 0: a fixed
     temperature for any head), temperature=bounded|bounded_log (how HET-XL's learned tau is
     parameterised), tau_init=0.0 (> 0: where HET-XL's learned tau starts)
 
@@ -34,6 +35,8 @@ def get_config(arg=None):
             label_noise_confusable=0.0,
             label_noise_other=0.0,
             label_noise_seed=0,
+            label_noise_model="class",
+            label_noise_rate=0.0,
             tau=0.0,
             temperature="bounded",
             tau_init=0.0,
@@ -41,7 +44,8 @@ def get_config(arg=None):
     )
     size = args["image_size"]
     label_noise = {k: v for k, v in args.items() if k.startswith("label_noise_")}
-    if args["dataset"] and (args["label_noise_confusable"] or args["label_noise_other"]):
+    noisy = args["label_noise_confusable"] or args["label_noise_other"] or args["label_noise_rate"]
+    if args["dataset"] and noisy:
         raise ValueError("label noise is an option of the Fashion-MNIST files, not of a dataset")
     if args["dataset"]:
 
@@ -120,4 +124,7 @@ def get_config(arg=None):
         ),
         mesh=dict(data=-1, fsdp=1),
         checkpoint=dict(every_steps=1000, keep=2, async_save=True),
+        grad_norm_groups=blocks.noise_grad_norms(
+            None if args["head"] == "det" else "classifier/noise/.*"
+        ),
     )

@@ -3,8 +3,9 @@
     python -m scripts.train --config configs/demo.py:loss=hetxl --workdir workdirs/demo
     args: loss=hetxl|clip|siglip, temperature ("" = the loss's usual one, or bounded_log |
     log_scale | fixed: the same for every loss, for matched baselines), epochs=5, batch=256,
-    data_dir (the Fashion-MNIST IDX files), label_noise_confusable=0.0, label_noise_other=0.0,
-    label_noise_seed=0 (input-dependent caption noise: data/fashion_mnist.py), zeroshot_mc=False
+    data_dir (the Fashion-MNIST IDX files), label_noise_model=class|image,
+    label_noise_confusable=0.0, label_noise_other=0.0 (class), label_noise_rate=0.0 (image),
+    label_noise_seed=0 (caption noise on the training images: data/label_noise.py), zeroshot_mc=False
     (also the Monte-Carlo zero-shot metrics of the HET-XL prediction)
 
 Images: the 60k Fashion-MNIST training images (28 px, grey -> RGB); texts: captions built from
@@ -42,6 +43,8 @@ def get_config(arg=None):
             label_noise_confusable=0.0,
             label_noise_other=0.0,
             label_noise_seed=0,
+            label_noise_model="class",
+            label_noise_rate=0.0,
             zeroshot_mc=False,
         ),
     )
@@ -95,4 +98,7 @@ def get_config(arg=None):
         # A checkpoint per epoch, next to its evaluation: each save costs the CPU a second or two.
         checkpoint=dict(every_steps=steps_per_epoch, keep=2, async_save=True),
         max_nonfinite_in_a_row=10,
+        grad_norm_groups=blocks.noise_grad_norms(
+            "image_noise_params/.*" if args["loss"] == "hetxl" else None
+        ),
     )

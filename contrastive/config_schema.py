@@ -22,6 +22,9 @@
     checkpoint       {"every_steps": int, "keep": int, "async_save": bool, "directory": str}
                      (directory: default WORKDIR/checkpoints; local, gs:// or s3://)
     max_nonfinite_in_a_row   halt after this many consecutive skipped (non-finite) updates
+    grad_norm_groups {name: regex}: also log grad_norm_NAME and update_norm_NAME over the
+                     parameters whose "/"-joined path the regex fully matches, e.g.
+                     {"noise": "image_noise_params/.*"}; a regex matching nothing is an error
     accum_steps      contrastive only: split each batch into this many microbatches for memory,
                      keeping every negative of the full batch (contrastive/accumulation.py)
 
@@ -100,6 +103,7 @@ class TopLevelConfig:
     checkpoint: dict | None = setting(None, _BLOCK)
     max_nonfinite_in_a_row: int = setting(10, _COUNT)
     accum_steps: int = setting(1, _COUNT)
+    grad_norm_groups: dict | None = setting(None, _BLOCK)
 
     def problems(self) -> list[str]:
         problems = []

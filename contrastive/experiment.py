@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from contrastive.accumulation import accumulated_contrastive_value_and_grad
-from contrastive.freezing import frozen_mask
+from contrastive.freezing import frozen_mask, group_masks
 from contrastive.losses import make_loss
 from contrastive.objectives import classification_objective, contrastive_objective
 from contrastive.optim import make_optimizer
@@ -153,6 +153,7 @@ class Experiment:
     schedule: Callable[[int], Any]
     frozen: Any
     rng: jax.Array
+    norm_groups: dict[str, Any] | None = None
 
     def abstract_state(self):
         """(TrainState of sharded ShapeDtypeStructs, shardings): what a full restore needs."""
@@ -187,6 +188,7 @@ class Experiment:
             self.frozen,
             value_and_grad,
             prepare_batch=prepare_batch,
+            norm_groups=self.norm_groups,
         )
 
 
@@ -200,4 +202,8 @@ def build_experiment(values: Mapping[str, Any], mesh) -> Experiment:
     optimizer, schedule = make_optimizer(optim, num_steps, param_shapes)
     freeze_rules = optim.get("freeze") or []
     frozen = frozen_mask(param_shapes, freeze_rules) if freeze_rules else None
-    return Experiment(dict(values), mesh, task, num_steps, optimizer, schedule, frozen, rng)
+    groups = values.get("grad_norm_groups")
+    norm_groups = group_masks(param_shapes, dict(groups)) if groups else None
+    return Experiment(
+        dict(values), mesh, task, num_steps, optimizer, schedule, frozen, rng, norm_groups
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -38,25 +38,46 @@ def parameter_names(params: Any) -> list[str]:
     return [_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
+def _compiled_rules(params: Any, rules: Sequence[str], what: str) -> tuple[list, list[str]]:
+    """(compiled rules, parameter names); ValueError naming every rule that is not a regex or
+    that fully matches no parameter. `what` names the rules in the message ("Freeze rule")."""
+    compiled = []
+    for rule in rules:
+        if not isinstance(rule, str):
+            raise ValueError(f"{what} {rule!r} is not a string (a regex)")
+        try:
+            compiled.append(re.compile(rule))
+        except re.error as err:
+            raise ValueError(f"{what} {rule!r} is not a valid regex: {err}") from None
+    names = parameter_names(params)
+    unused = [rule.pattern for rule in compiled if not any(rule.fullmatch(n) for n in names)]
+    if unused:
+        raise ValueError(
+            f"{what}s match no parameter: {unused}; parameter names look like {names[:5]}"
+        )
+    return compiled, names
+
+
 def frozen_labels(params: Any, rules: Sequence[str]) -> Any:
     """A tree like `params` with "frozen" where any rule fully matches the path, else "trainable".
 
     Raises ValueError naming every rule that matches no parameter (or that is not a regex).
     """
-    compiled = []
-    for rule in rules:
-        try:
-            compiled.append(re.compile(rule))
-        except re.error as err:
-            raise ValueError(f"Freeze rule {rule!r} is not a valid regex: {err}") from None
-    names = parameter_names(params)
-    unused = [rule.pattern for rule in compiled if not any(rule.fullmatch(n) for n in names)]
-    if unused:
-        raise ValueError(
-            f"Freeze rules match no parameter: {unused}; parameter names look like {names[:5]}"
-        )
+    compiled, names = _compiled_rules(params, rules, "Freeze rule")
     labels = [FROZEN if any(r.fullmatch(n) for r in compiled) else TRAINABLE for n in names]
     return jax.tree.unflatten(jax.tree.structure(params), labels)
+
+
+def group_masks(params: Any, groups: Mapping[str, str]) -> dict[str, Any]:
+    """{name: tree like `params` with True where the group's regex fully matches the path}, for
+    the per-group gradient norms of config.grad_norm_groups. Raises like frozen_labels."""
+    names = list(groups)
+    compiled, paths = _compiled_rules(params, [groups[n] for n in names], "grad_norm_groups rule")
+    structure = jax.tree.structure(params)
+    return {
+        name: jax.tree.unflatten(structure, [bool(rule.fullmatch(p)) for p in paths])
+        for name, rule in zip(names, compiled, strict=True)
+    }
 
 
 def frozen_mask(params: Any, rules: Sequence[str]) -> Any:

@@ -80,7 +80,8 @@ def classification_objective(model: nn.Module) -> Objective:
             rngs={"dropout": dropout_rng, "noise": noise_rng},
             mutable=["intermediates"],
         )
-        tau = state["intermediates"]["classifier"]["tau"][0]
-        return -jnp.mean(log_lik), {"tau": tau}
+        sown = state["intermediates"]["classifier"]
+        # tau, and for HET / HET-XL heads the size of their noise (noise_diag_scale, ...).
+        return -jnp.mean(log_lik), {name: values[0] for name, values in sown.items()}
 
     return objective

@@ -32,13 +32,33 @@ CLAIMS = ("contrastive", "classification", "temperature")
 # A difference counts when it exceeds this many standard errors.
 THRESHOLD_SE = 2.0
 
-# What the result files say about the training labels (data/fashion_mnist.py has the code).
-NOISE_MODEL = (
-    "training label y (and so its caption) replaced with probability p(y) = "
-    "label_noise_confusable for y in C = {T-shirt/top, Pullover, Coat, Shirt}, "
-    "label_noise_other otherwise; the wrong label is uniform over C minus {y} for y in C, over "
-    "the 9 other classes otherwise; fixed per (seed, example); test labels clean"
-)
+# What the result files say about the training labels (data/label_noise.py has the code).
+NOISE_MODELS = {
+    "class": (
+        "class-conditional: training label y (and so its caption) replaced with probability "
+        "p(y) = label_noise_confusable for y in C = {T-shirt/top, Pullover, Coat, Shirt}, "
+        "label_noise_other otherwise; the wrong label is uniform over C minus {y} for y in C, "
+        "over the 9 other classes otherwise; fixed per (seed, example); test labels clean"
+    ),
+    "image": (
+        "image-conditional: training image i (and so its caption) relabelled with probability "
+        "q_i = min(1, a * c_i), c_i = 1 - w_i[y_i] the confusion of a weak fixed image model "
+        "(softmax regression on 7x7 pooled pixels fitted to the clean training labels), a set "
+        "so that the mean of q_i is label_noise_rate; the wrong label k has probability "
+        "w_i[k] / c_i; fixed per (seed, example); test labels clean"
+    ),
+}
+
+
+def noise_description(settings: Mapping[str, Any]) -> str:
+    """One line naming the noise model and its parameters, for tables."""
+    if settings.get("label_noise_model", "class") == "image":
+        return f"by image, rate {settings['label_noise_rate']:g}"
+    return (
+        f"by class, p(confusable) = {settings['label_noise_confusable']:g}, p(other) = "
+        f"{settings['label_noise_other']:g}"
+    )
+
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 
@@ -52,8 +72,9 @@ class Settings:
       batch: global batch size.
       width, depth: ViT (and text transformer) width and blocks; MLP 4x width, a head per 64.
       embed_dim: shared embedding size of the contrastive towers.
-      label_noise_confusable, label_noise_other: flip probabilities of the training labels
-        (data/fashion_mnist.py).
+      label_noise_model: "class" or "image" (data/label_noise.py).
+      label_noise_confusable, label_noise_other: the "class" model's flip probabilities.
+      label_noise_rate: the "image" model's mean flip probability.
       data_dir: folder of the Fashion-MNIST IDX files.
       tau_grid: fixed temperatures of the temperature claim.
     """
@@ -67,6 +88,17 @@ class Settings:
     label_noise_other: float
     data_dir: str
     tau_grid: tuple[float, ...]
+    label_noise_model: str = "class"
+    label_noise_rate: float = 0.0
+
+    def noise_args(self) -> str:
+        """The config args of the training labels' noise."""
+        if self.label_noise_model == "image":
+            return f"label_noise_model=image,label_noise_rate={self.label_noise_rate}"
+        return (
+            f"label_noise_confusable={self.label_noise_confusable},"
+            f"label_noise_other={self.label_noise_other}"
+        )
 
 
 # Reported metric -> its name in metrics.jsonl (the last evaluation; tau at the last log).
@@ -78,8 +110,29 @@ CONTRASTIVE_METRICS = {
     "mc_nll": "zeroshot_mc_nll",
     "mc_ece": "zeroshot_mc_ece",
     "tau": "tau",
+    "noise_scale": "noise_diag_scale",
+    "noise_grad": "grad_norm_noise",
 }
-CLASSIFICATION_METRICS = {"accuracy": "accuracy", "nll": "nll", "ece": "ece", "tau": "tau"}
+CLASSIFICATION_METRICS = {
+    "accuracy": "accuracy",
+    "nll": "nll",
+    "ece": "ece",
+    "tau": "tau",
+    "noise_scale": "noise_diag_scale",
+    "noise_grad": "grad_norm_noise",
+}
+
+# Training diagnostics kept at every logged step of one seed: how the noise and the temperature
+# move, and how much gradient reaches the noise layers (docs/HETXL.md, section 7).
+TRAJECTORY_METRICS = (
+    "loss",
+    "tau",
+    "noise_diag_scale",
+    "noise_factor_norm",
+    "grad_norm",
+    "grad_norm_noise",
+    "update_norm_noise",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,13 +145,24 @@ class Arm:
     config_arg: str
 
 
-def arms(claim: str, settings: Settings) -> list[Arm]:
-    """The arms of a claim, the first being the method the claim is about."""
-    shared = (
-        f"label_noise_confusable={settings.label_noise_confusable},"
-        f"label_noise_other={settings.label_noise_other},"
-        f"batch={settings.batch},data_dir={settings.data_dir}"
-    )
+# Arms a run may leave out (scripts.reproduce --skip_arms): those of secondary comparisons only.
+OPTIONAL_ARMS = {"contrastive": ("siglip",), "classification": ("het",), "temperature": ()}
+
+
+def arms(claim: str, settings: Settings, skip: Sequence[str] = ()) -> list[Arm]:
+    """The arms of a claim, the first being the method the claim is about, without `skip`
+    (names among OPTIONAL_ARMS[claim])."""
+    unknown = sorted(set(skip) - set(OPTIONAL_ARMS.get(claim, ())))
+    if unknown:
+        raise ValueError(
+            f"arms {unknown} cannot be left out of the {claim} claim; optional arms: "
+            f"{list(OPTIONAL_ARMS.get(claim, ()))}"
+        )
+    return [arm for arm in _all_arms(claim, settings) if arm.name not in skip]
+
+
+def _all_arms(claim: str, settings: Settings) -> list[Arm]:
+    shared = f"{settings.noise_args()},batch={settings.batch},data_dir={settings.data_dir}"
     if claim == "contrastive":
         return [
             Arm(
@@ -170,6 +234,17 @@ def read_run_metrics(claim: str, rows: Sequence[Mapping[str, Any]], steps: int) 
                 result[key] = float(row[log_key])
                 break
     return result
+
+
+def trajectory(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
+    """[{"step", metric: value}] of the training rows (those with a loss) of a run's
+    metrics.jsonl, with the TRAJECTORY_METRICS each row has."""
+    return [
+        {"step": int(row["step"])}
+        | {key: float(row[key]) for key in TRAJECTORY_METRICS if key in row}
+        for row in rows
+        if "loss" in row
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,17 +370,22 @@ def judge(
         primary.append(
             compare("top1", _stats(summary, "hetxl", "top1"), _stats(summary, "clip", "top1"), True)
         )
-        secondary.append(
-            compare(
-                "top1", _stats(summary, "hetxl", "top1"), _stats(summary, "siglip", "top1"), True
+        if "siglip" in summary:
+            secondary.append(
+                compare(
+                    "top1",
+                    _stats(summary, "hetxl", "top1"),
+                    _stats(summary, "siglip", "top1"),
+                    True,
+                )
             )
-        )
         for metric in ("nll", "ece"):
             hetxl_mc = _stats(summary, "hetxl", f"mc_{metric}", "hetxl (MC)")
             for baseline in ("clip", "siglip"):
-                secondary.append(
-                    compare(metric, hetxl_mc, _stats(summary, baseline, metric), False)
-                )
+                if baseline in summary:
+                    secondary.append(
+                        compare(metric, hetxl_mc, _stats(summary, baseline, metric), False)
+                    )
     elif claim == "classification":
         for metric, higher in (("accuracy", True), ("nll", False)):
             primary.append(
@@ -313,15 +393,19 @@ def judge(
                     metric, _stats(summary, "hetxl", metric), _stats(summary, "det", metric), higher
                 )
             )
-            secondary.append(
-                compare(
-                    metric, _stats(summary, "hetxl", metric), _stats(summary, "het", metric), higher
+            if "het" in summary:
+                secondary.append(
+                    compare(
+                        metric,
+                        _stats(summary, "hetxl", metric),
+                        _stats(summary, "het", metric),
+                        higher,
+                    )
                 )
-            )
         secondary.append(
             compare("ece", _stats(summary, "hetxl", "ece"), _stats(summary, "det", "ece"), False)
         )
-        if parameters:
+        if parameters and "het" in parameters:
             hetxl, het = parameters["hetxl"], parameters["het"]
             small, large = sorted(hetxl, key=lambda k: int(k.split("=")[1]))
             constant = hetxl[small] == hetxl[large]
@@ -397,8 +481,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         "",
         f"Runs: {settings['steps']} steps of batch {settings['batch']}, towers of width "
         f"{settings['width']} and depth {settings['depth']}, {result['wall_s']:.0f} s in all. "
-        f"Training labels: p(confusable) = {settings['label_noise_confusable']:g}, p(other) = "
-        f"{settings['label_noise_other']:g} ({result['noise_model']}).",
+        f"Training labels: noise {noise_description(settings)} ({result['noise_model']}).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

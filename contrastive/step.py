@@ -104,6 +104,12 @@ def init_train_state(
     return state, shardings
 
 
+def _masked_norm(tree: Any, mask: Any) -> jax.Array:
+    """The global L2 norm of the leaves of `tree` whose `mask` leaf is True."""
+    chosen = [leaf for leaf, keep in zip(jax.tree.leaves(tree), jax.tree.leaves(mask)) if keep]
+    return optax.tree.norm(chosen)
+
+
 def make_train_step(
     objective: Objective,
     optimizer: optax.GradientTransformation,
@@ -112,6 +118,7 @@ def make_train_step(
     frozen: Any = None,
     value_and_grad: Callable | None = None,
     prepare_batch: Callable[[dict], dict] | None = None,
+    norm_groups: dict[str, Any] | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """jit(step)(state, batch) -> (state, metrics); the input state's buffers are donated.
 
@@ -123,6 +130,9 @@ def make_train_step(
     which then handles `frozen` itself.
     prepare_batch: optional jax function applied to the batch inside the step, e.g. turning
     uint8 images (4x fewer bytes from host to device) into float32 on the device.
+    norm_groups: optional {name: tree like the params, True for the group's leaves}
+    (contrastive.freezing.group_masks): the metrics gain grad_norm_NAME and update_norm_NAME,
+    e.g. to see how much of the gradient reaches the HET-XL noise layers.
     """
 
     def step(state: TrainState, batch: dict):
@@ -158,6 +168,9 @@ def make_train_step(
             "update_norm": optax.tree.norm(updates),
             "nonfinite": 1 - finite.astype(jnp.int32),
         }
+        for name, mask in (norm_groups or {}).items():
+            metrics[f"grad_norm_{name}"] = _masked_norm(grads, mask)
+            metrics[f"update_norm_{name}"] = _masked_norm(updates, mask)
         return new_state, metrics
 
     batch_in = batch_sharding(mesh)

@@ -17,8 +17,9 @@ Source options (checked against the source classes in data/sources.py):
     tfrecord:      files (glob or list), image_key="image", text_key="caption", label_key=None,
                    cycle_length=16
     fashion_mnist: data_dir="/usr/share/datasets/fashion-mnist", split="train", cupl=False,
-                   label_noise_confusable=0.0, label_noise_other=0.0, label_noise_seed=0
-                   (input-dependent label noise, see data/fashion_mnist.py)
+                   label_noise_model="class", label_noise_confusable=0.0,
+                   label_noise_other=0.0, label_noise_rate=0.0, label_noise_seed=0
+                   (label noise by class or by image, see data/label_noise.py)
     image_folder:  root (one sub-folder per class), classnames=None
 Paths may be remote (gs://...): every source reads through tf.io.gfile.
 

@@ -15,17 +15,14 @@ size ("decode|resize(32)|..." or "grey_to_rgb|resize(32)|..."). Captions come fr
 synonyms x attributes (optionally plus CuPL sentences of related ImageNet classes), never equal to
 a CLIP zero-shot prompt.
 
-Optional input-dependent label noise (`label_noise_confusable`, `label_noise_other`): some
-examples carry a wrong label, and so a caption naming the wrong class, more often than others.
-With C = {T-shirt/top, Pullover, Coat, Shirt} (the upper-body garments, which look alike at 28 px)
-and y the clean label of example i:
-  flip probability  p(y) = label_noise_confusable if y in C, else label_noise_other
-  wrong label       uniform over C minus {y} if y in C, else uniform over the 9 other classes
-so the noisy label equals y with probability 1 - p(y) and each wrong class with p(y) / |choices|.
-Both draws for example i are a pure function of (label_noise_seed, i): the noise is a fixed
-property of the dataset for a seed (every epoch sees the same wrong labels) and replays exactly.
-Labels are replaced before anything else reads them, so classification trains on the noisy label
-and the contrastive pipeline draws the caption of the noisy class.
+Optional label noise on the training split (data/label_noise.py has the formulas):
+`label_noise_model="class"` flips labels with a probability set by the class alone
+(`label_noise_confusable`, `label_noise_other`); `label_noise_model="image"` flips them with a
+probability that depends on the individual image, through a weak fixed image model's confusion,
+at an average rate `label_noise_rate`. Labels are replaced before anything else reads them, so
+classification trains on the noisy label and the contrastive pipeline draws the caption of the
+noisy class; the source keeps the clean labels and each example's flip probability (the ledger
+`scripts.score_pairs` scores against).
 """
 
 from __future__ import annotations
@@ -37,11 +34,16 @@ import posixpath
 
 import numpy as np
 
+from data import label_noise
 from data.captions import CaptionBank, Noun, build_class_captions, forbidden_captions
 from data.lazy_tf import tf
 from data.package_files import clip_benchmark_file
 from data.source_base import ShardTable, Source
 from data.zeroshot_texts import FASHION_MNIST_CLASSNAMES, clip_templates, imagenet_classnames
+
+# The class-conditional model, under the names it has always been imported by.
+CONFUSABLE_CLASSES = label_noise.CONFUSABLE_CLASSES
+noisy_labels = label_noise.noisy_labels
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -64,12 +66,6 @@ LABEL_NAMES = (
     "Bag",
     "Ankle boot",
 )
-
-# Label indices of the classes that look alike (T-shirt/top, Pullover, Coat, Shirt).
-CONFUSABLE_CLASSES = (0, 2, 4, 6)
-
-# Keeps the label-noise draws apart from any other use of the same seed.
-LABEL_NOISE_TAG = 0x1AB3_1F11
 
 # IDX type byte -> numpy dtype (big-endian, as the format stores it).
 _IDX_DTYPES = {
@@ -139,51 +135,6 @@ def load_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     if labels.size and (labels.min() < 0 or labels.max() >= len(LABEL_NAMES)):
         raise ValueError(f"Fashion-MNIST {split}: labels outside 0..{len(LABEL_NAMES) - 1}")
     return images.astype(np.uint8)[..., None], labels.astype(np.int32)
-
-
-def _mix64(values: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: uint64 -> well-mixed uint64, elementwise (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        z = values + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def _example_uniforms(seed: int, count: int, stream: int) -> np.ndarray:
-    """float64 [count] in [0, 1): uniform number `stream` of examples 0..count-1 for `seed`,
-    each a function of (seed, stream, example index) alone."""
-    key = _mix64(np.asarray([seed ^ LABEL_NOISE_TAG], np.uint64))[0]
-    key = _mix64(np.asarray([key ^ np.uint64(stream)], np.uint64))[0]
-    with np.errstate(over="ignore"):
-        bits = _mix64(key + np.arange(count, dtype=np.uint64))
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def label_flip_probabilities(labels: np.ndarray, confusable: float, other: float) -> np.ndarray:
-    """float64 [N]: the probability p(y) that each example's label is replaced (module doc)."""
-    return np.where(np.isin(labels, CONFUSABLE_CLASSES), confusable, other)
-
-
-def noisy_labels(labels: np.ndarray, confusable: float, other: float, seed: int) -> np.ndarray:
-    """int32 [N] labels with input-dependent noise (module doc): example i is flipped when its
-    first uniform falls below p(y_i), to the wrong class its second uniform picks."""
-    for name, value in (("label_noise_confusable", confusable), ("label_noise_other", other)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} is a probability in [0, 1], got {value}")
-    labels = np.asarray(labels, np.int32)
-    flip = _example_uniforms(seed, len(labels), 0) < label_flip_probabilities(
-        labels, confusable, other
-    )
-    pick = _example_uniforms(seed, len(labels), 1)
-    result = labels.copy()
-    all_classes = np.arange(len(LABEL_NAMES))
-    for label in np.unique(labels[flip]):
-        group = CONFUSABLE_CLASSES if label in CONFUSABLE_CLASSES else all_classes
-        choices = np.asarray([c for c in group if c != label], np.int32)
-        rows = flip & (labels == label)
-        result[rows] = choices[(pick[rows] * len(choices)).astype(np.int64)]
-    return result
 
 
 # Ways to name each class in a training caption (label order).
@@ -275,6 +226,30 @@ def fashion_mnist_captions(cupl: bool = False) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(c) for c in captions)
 
 
+def _check_label_noise(model: str, confusable: float, other: float, rate: float) -> tuple:
+    """The noise model's own parameters; a parameter of the other model set is refused, so a
+    run never silently ignores one."""
+    if model == "class":
+        if rate:
+            raise ValueError(
+                f"label_noise_rate={rate:g} belongs to label_noise_model='image'; the 'class' "
+                "model takes label_noise_confusable and label_noise_other"
+            )
+        return (confusable, other)
+    if model == "image":
+        if confusable or other:
+            raise ValueError(
+                "label_noise_confusable / label_noise_other belong to label_noise_model="
+                "'class'; the 'image' model takes label_noise_rate"
+            )
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"label_noise_rate is a probability in [0, 1], got {rate}")
+        return (rate,)
+    raise ValueError(
+        f"label_noise_model {model!r} is unknown; known: {list(label_noise.NOISE_MODELS)}"
+    )
+
+
 class FashionMnistSource(Source):
     """Fashion-MNIST read from IDX files; records {"image": uint8 [28, 28, 1], "label": int32 []}
     with captions drawn from fashion_mnist_captions().
@@ -283,15 +258,20 @@ class FashionMnistSource(Source):
       data_dir: directory of the IDX files (gz or not).
       split: "train" (60,000 images) or "test" (10,000).
       cupl: add CuPL sentences of related ImageNet classes to the captions.
-      label_noise_confusable: probability that an example of CONFUSABLE_CLASSES gets the label
-        (and caption) of another confusable class.
-      label_noise_other: probability that an example of any other class gets the label of one of
-        the 9 other classes.
-      label_noise_seed: which examples are flipped, and to what (module doc).
+      label_noise_model: "class" (flip probability set by the class) or "image" (set by the
+        image, through a weak image model's confusion): data/label_noise.py.
+      label_noise_confusable: ("class") probability that an example of CONFUSABLE_CLASSES gets
+        the label (and caption) of another confusable class.
+      label_noise_other: ("class") probability that an example of any other class gets the
+        label of one of the 9 other classes.
+      label_noise_rate: ("image") the average flip probability over the split's images.
+      label_noise_seed: which examples are flipped, and to what.
 
     Attributes:
       labels: int32 [N] labels the records carry (noisy when label noise is on).
       clean_labels: int32 [N] the labels of the IDX file.
+      flip_probabilities: float64 [N] each example's probability of carrying a wrong label
+        (zeros without label noise).
     """
 
     def __init__(
@@ -302,16 +282,34 @@ class FashionMnistSource(Source):
         label_noise_confusable: float = 0.0,
         label_noise_other: float = 0.0,
         label_noise_seed: int = 0,
+        label_noise_model: str = "class",
+        label_noise_rate: float = 0.0,
     ) -> None:
         self.data_dir = data_dir
         self.split = split
+        self.label_noise_model = label_noise_model
+        self.label_noise = _check_label_noise(
+            label_noise_model, label_noise_confusable, label_noise_other, label_noise_rate
+        )
         # Loaded now so a missing or truncated file fails at construction, before training.
         self.images, self.clean_labels = load_split(data_dir, split)
         self.labels = self.clean_labels
-        self.label_noise = (label_noise_confusable, label_noise_other)
-        if label_noise_confusable or label_noise_other:
-            self.labels = noisy_labels(
-                self.clean_labels, label_noise_confusable, label_noise_other, label_noise_seed
+        self.flip_probabilities = np.zeros(len(self.labels))
+        if any(self.label_noise):
+            if label_noise_model == "class":
+                flip, wrong = label_noise.class_noise(self.clean_labels, *self.label_noise)
+            else:
+                # Fitted on the training split's clean labels, whatever split this is.
+                train = (self.images, self.clean_labels)
+                if split != "train":
+                    train = load_split(data_dir, "train")
+                weak = label_noise.weak_model_probabilities(
+                    label_noise.weak_model_of(*train), self.images
+                )
+                flip, wrong = label_noise.image_noise(weak, self.clean_labels, label_noise_rate)
+            self.flip_probabilities = flip
+            self.labels = label_noise.draw_noisy_labels(
+                self.clean_labels, flip, wrong, label_noise_seed
             )
         # Eager tensors, made once: read() runs inside a traced tf.data function, where a numpy
         # array would become a graph constant, copied (47 MB for the training split) every time
@@ -343,8 +341,10 @@ class FashionMnistSource(Source):
         noise = ""
         if any(self.label_noise):
             flipped = float(np.mean(self.labels != self.clean_labels))
-            noise = (
-                f", label noise {self.label_noise[0]:g} confusable / {self.label_noise[1]:g} "
-                f"other: {flipped:.1%} flipped"
-            )
+            if self.label_noise_model == "class":
+                noise = f"{self.label_noise[0]:g} confusable / {self.label_noise[1]:g} other"
+            else:
+                spread = self.flip_probabilities.std()
+                noise = f"by image, rate {self.label_noise[0]:g} (std {spread:.3f} over images)"
+            noise = f", label noise {noise}: {flipped:.1%} flipped"
         return f"fashion_mnist({self.split}, {len(self.labels)} images from {self.data_dir}{noise})"

@@ -2,12 +2,14 @@
 
     python -m scripts.reproduce {contrastive,classification,temperature} --seeds 3 [--table]
         [--out results/] [--steps N] [--batch B] [--width W] [--depth D] [--embed_dim E]
-        [--label_noise_confusable P] [--label_noise_other P] [--taus 0.05,0.1,...]
+        [--label_noise_model class|image] [--label_noise_confusable P] [--label_noise_other P]
+        [--label_noise_rate P] [--skip_arms NAMES] [--taus 0.05,0.1,...]
         [--data_dir DIR] [--workdir DIR]
 
 Trains every arm of the claim (contrastive/reproduction.py) once per seed with the normal
-trainer on Fashion-MNIST whose training labels, and so captions, are wrong more often for the
-confusable garments (data/fashion_mnist.py), then writes OUT/<claim>.json (per-seed numbers,
+trainer on Fashion-MNIST whose training labels, and so captions, carry noise: set by the class
+(the confusable garments flip more often) or by the individual image (images a weak image model
+confuses flip more often, to the class they look like): data/label_noise.py. It then writes OUT/<claim>.json (per-seed numbers,
 mean and std per arm, the verdict) and OUT/<claim>.md (the table and verdict lines; --table
 prints it). Each run is the config file plus overrides that `scripts.train` accepts as they are
 (the JSON holds the command of each arm). Runs live in a temporary folder, or in --workdir,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import dataclasses
 import json
 import shlex
@@ -61,16 +64,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--embed_dim", type=terminal.positive_int, default=64, help="contrastive embedding size"
     )
     parser.add_argument(
+        "--label_noise_model",
+        choices=("class", "image"),
+        default="class",
+        help="training-label noise set by the class, or by the image (data/label_noise.py)",
+    )
+    parser.add_argument(
         "--label_noise_confusable",
-        type=float,
-        default=0.4,
-        help="flip probability of T-shirt/top, Pullover, Coat and Shirt training labels",
+        type=probability,
+        default=None,
+        help="class model: flip probability of T-shirt/top, Pullover, Coat and Shirt labels "
+        "(default 0.4)",
     )
     parser.add_argument(
         "--label_noise_other",
-        type=float,
-        default=0.05,
-        help="flip probability of the other classes' training labels",
+        type=probability,
+        default=None,
+        help="class model: flip probability of the other classes' labels (default 0.05)",
+    )
+    parser.add_argument(
+        "--label_noise_rate",
+        type=probability,
+        default=None,
+        help="image model: mean flip probability over the training images (default 0.2)",
+    )
+    parser.add_argument(
+        "--skip_arms",
+        default="",
+        help="comma-separated arms of secondary comparisons to leave out (contrastive: "
+        "siglip; classification: het)",
     )
     parser.add_argument(
         "--taus", default=TAU_GRID, help="fixed temperatures of the temperature claim"
@@ -78,7 +100,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
     terminal.add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    class_options = ("label_noise_confusable", "label_noise_other")
+    if args.label_noise_model == "image":
+        given = [f"--{name}" for name in class_options if getattr(args, name) is not None]
+        if given:
+            parser.error(f"{', '.join(given)} belong to --label_noise_model class")
+        args.label_noise_confusable = args.label_noise_other = 0.0
+        if args.label_noise_rate is None:
+            args.label_noise_rate = 0.2
+    else:
+        if args.label_noise_rate is not None:
+            parser.error("--label_noise_rate belongs to --label_noise_model image")
+        args.label_noise_rate = 0.0
+        for name, default in zip(class_options, (0.4, 0.05), strict=True):
+            if getattr(args, name) is None:
+                setattr(args, name, default)
     return args
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {value}")
+    return value
 
 
 def train_command(spec: str, overrides: list[str]) -> str:
@@ -87,11 +131,22 @@ def train_command(spec: str, overrides: list[str]) -> str:
     return shlex.join(words + [f"--config.{o}" for o in overrides])
 
 
-def run_once(spec: str, overrides: list[str], run_dir: Path, steps: int, claim: str) -> dict:
-    """Trains one run (or resumes / reuses it in run_dir) and returns its metrics. The trainer's
-    own progress lines go to run_dir/train.log."""
+def run_folder(workdir: Path, spec: str, overrides: list[str], seed: int) -> Path:
+    """Where a run lives: named by a digest of its config and overrides, so that the same run
+    asked for by two claims (classification's hetxl arm and temperature's learned one) is
+    trained once and read by both."""
+    digest = hashlib.sha256(json.dumps([spec, overrides]).encode()).hexdigest()[:12]
+    return workdir / "runs" / f"seed{seed}-{digest}"
+
+
+def run_once(
+    spec: str, overrides: list[str], run_dir: Path, steps: int, claim: str
+) -> tuple[dict, list[dict]]:
+    """Trains one run (or resumes / reuses it in run_dir) and returns its metrics and its
+    training trajectory (reproduction.trajectory). The trainer's own progress lines go to
+    run_dir/train.log."""
     from contrastive.metric_logging import read_metrics
-    from contrastive.reproduction import read_run_metrics
+    from contrastive.reproduction import read_run_metrics, trajectory
     from contrastive.trainer import train
     from scripts.config_loader import load_config
 
@@ -106,7 +161,8 @@ def run_once(spec: str, overrides: list[str], run_dir: Path, steps: int, claim: 
     config = load_config(spec, overrides)
     with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log):
         train(config, str(run_dir))
-    return read_run_metrics(claim, read_metrics(str(run_dir)), steps)
+    rows = read_metrics(str(run_dir))
+    return read_run_metrics(claim, rows, steps), trajectory(rows)
 
 
 def count_parameters(spec: str, overrides: list[str]) -> int:
@@ -138,13 +194,15 @@ def extra_parameters(arms, overrides: list[str]) -> dict[str, dict[str, int]]:
     return counts
 
 
-def run_claim(claim: str, settings, seeds: int, workdir: Path) -> dict:
+def run_claim(
+    claim: str, settings, seeds: int, workdir: Path, skip_arms: tuple[str, ...] = ()
+) -> dict:
     """Trains every arm of the claim for seeds 0..seeds-1 and returns the result document:
     settings, per-arm per-seed metrics with each run's wall time, mean/std, extra parameters
     (classification) and the judgement."""
     from contrastive import reproduction as rp
 
-    arms = rp.arms(claim, settings)
+    arms = rp.arms(claim, settings, skip_arms)
     started = time.perf_counter()
     per_arm = {arm.name: {"per_seed": []} for arm in arms}
     total = len(arms) * seeds
@@ -154,10 +212,12 @@ def run_claim(claim: str, settings, seeds: int, workdir: Path) -> dict:
             overrides = rp.run_overrides(claim, arm, settings, seed)
             spec = str(REPO / arm.config_file) + ":" + arm.config_arg
             run_started = time.perf_counter()
-            run_dir = workdir / claim / arm.name / f"seed{seed}"
-            metrics = run_once(spec, overrides, run_dir, settings.steps, claim)
+            run_dir = run_folder(workdir, spec, overrides, seed)
+            metrics, curve = run_once(spec, overrides, run_dir, settings.steps, claim)
             wall = time.perf_counter() - run_started
             per_arm[arm.name]["per_seed"].append({"seed": seed, **metrics, "wall_s": wall})
+            if seed == 0:
+                per_arm[arm.name]["trajectory_seed0"] = curve
             done = seed * len(arms) + arms.index(arm) + 1
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             print(
@@ -178,7 +238,7 @@ def run_claim(claim: str, settings, seeds: int, workdir: Path) -> dict:
         "claim": claim,
         "seeds": seeds,
         "settings": dataclasses.asdict(settings),
-        "noise_model": rp.NOISE_MODEL,
+        "noise_model": rp.NOISE_MODELS[settings.label_noise_model],
         "arms": per_arm,
         "summary": summary,
         "extra_parameters": parameters,
@@ -202,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         embed_dim=args.embed_dim,
         label_noise_confusable=args.label_noise_confusable,
         label_noise_other=args.label_noise_other,
+        label_noise_model=args.label_noise_model,
+        label_noise_rate=args.label_noise_rate,
         data_dir=args.data_dir,
         tau_grid=tuple(float(t) for t in args.taus.split(",") if t),
     )
@@ -211,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     try:
-        result = run_claim(args.claim, settings, args.seeds, workdir)
+        skip = tuple(name for name in args.skip_arms.split(",") if name)
+        result = run_claim(args.claim, settings, args.seeds, workdir, skip)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

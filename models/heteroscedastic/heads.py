@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from models.heteroscedastic import logit_distributions, mc
 from models.heteroscedastic.noise import HeteroscedasticNoise, NoiseConfig
@@ -96,6 +97,13 @@ class HeteroscedasticHead(nn.Module):
             return logit_distributions.LogitDistribution(pre_logits @ kernel + bias)
         noise_dim = self.num_classes if self.kind == "het" else pre_logits.shape[-1]
         noise = HeteroscedasticNoise(noise_dim, self.noise, name="noise")(pre_logits)
+        # Read by trainers as metrics: how large the learned noise is.
+        self.sow("intermediates", "noise_diag_scale", jnp.mean(noise.diag_scale))
+        self.sow(
+            "intermediates",
+            "noise_factor_norm",
+            jnp.mean(jnp.sqrt(jnp.sum(noise.factors**2, axis=(-2, -1)))),
+        )
         if self.kind == "het":
             return logit_distributions.logit_noise_logits(pre_logits @ kernel + bias, noise)
         return logit_distributions.prelogit_noise_logits(

@@ -119,6 +119,10 @@ def read_result(out, claim):
     return result, table
 
 
+# Reported by the arms whose model has noise: its learned scale, the gradient reaching it.
+NOISE_DIAGNOSTICS = ("noise_scale", "noise_grad")
+
+
 def check_arms(result, arms, metrics):
     assert list(result["arms"]) == arms and list(result["summary"]) == arms
     for name in arms:
@@ -137,7 +141,8 @@ def test_classification_writes_per_seed_numbers_table_and_parameter_counts(
     assert reproduce.main([*argv, "--table"]) == 0
     result, table = read_result(tmp_path, "classification")
     quality = ("accuracy", "nll", "ece", "tau")
-    check_arms(result, ["hetxl", "het", "det"], dict.fromkeys(["hetxl", "het", "det"], quality))
+    noisy = quality + NOISE_DIAGNOSTICS
+    check_arms(result, ["hetxl", "het", "det"], {"hetxl": noisy, "het": noisy, "det": quality})
     assert 0 <= result["summary"]["det"]["accuracy"]["mean"] <= 1
     assert result["summary"]["det"]["tau"]["mean"] == 1.0  # classify.py's fixed tau
     counts = result["extra_parameters"]
@@ -160,7 +165,11 @@ def test_contrastive_reports_monte_carlo_metrics_for_hetxl_only(fashion_dir, tmp
     check_arms(
         result,
         ["hetxl", "clip", "siglip"],
-        {"hetxl": deterministic + mc, "clip": deterministic, "siglip": deterministic},
+        {
+            "hetxl": deterministic + mc + NOISE_DIAGNOSTICS,
+            "clip": deterministic,
+            "siglip": deterministic,
+        },
     )
     # Every arm trains with the same temperature parameterisation.
     commands = [arm["command_seed0"] for arm in result["arms"].values()]
@@ -168,7 +177,7 @@ def test_contrastive_reports_monte_carlo_metrics_for_hetxl_only(fashion_dir, tmp
     (primary,) = result["judgement"]["primary"]
     assert (primary["a"], primary["b"], primary["metric"]) == ("hetxl", "clip", "top1")
     clip_row = next(line for line in table.splitlines() if line.startswith("| clip |"))
-    assert clip_row.count("—") == len(mc)
+    assert clip_row.count("—") == len(mc) + len(NOISE_DIAGNOSTICS)
 
 
 @pytest.mark.slow
@@ -181,7 +190,7 @@ def test_temperature_reuses_finished_runs_of_its_workdir(fashion_dir, tmp_path, 
     check_arms(
         first,
         ["learned", "tau=0.5"],
-        dict.fromkeys(["learned", "tau=0.5"], ("accuracy", "nll", "ece", "tau")),
+        dict.fromkeys(["learned", "tau=0.5"], ("accuracy", "nll", "ece", "tau", *NOISE_DIAGNOSTICS)),
     )
     assert first["summary"]["tau=0.5"]["tau"]["mean"] == pytest.approx(0.5)
     assert 0.05 < first["summary"]["learned"]["tau"]["mean"] < 5.0
@@ -189,6 +198,9 @@ def test_temperature_reuses_finished_runs_of_its_workdir(fashion_dir, tmp_path, 
     assert reproduce.main(argv) == 0
     again, _ = read_result(tmp_path / "out", "temperature")
     assert again["summary"] == first["summary"]
-    # Other settings in the same workdir are refused rather than mixed in.
-    with pytest.raises(SystemExit, match="other settings"):
-        reproduce.main([*argv, "--label_noise_other", "0.2"])
+    # Other settings in the same workdir get runs of their own rather than being mixed in.
+    runs = sorted((tmp_path / "runs" / "runs").iterdir())
+    assert len(runs) == 2
+    assert reproduce.main([*argv, "--label_noise_other", "0.2"]) == 0
+    assert set(runs) < set((tmp_path / "runs" / "runs").iterdir())
+    assert len(list((tmp_path / "runs" / "runs").iterdir())) == 4
