@@ -187,11 +187,16 @@ def contrastive_temperature(loss: str, mode: str = "") -> tuple[dict, float | No
     return temperature, (-10.0 if loss == "siglip" else None)
 
 
-def hetxl_noise(loss: str, num_factors: int = 8) -> dict | None:
-    """Image-side HET-XL noise for the hetxl loss, starting small next to unit embeddings."""
+def hetxl_noise(
+    loss: str, num_factors: int = 8, scale_init: float = 0.01, kernel_scale: float = 0.01
+) -> dict | None:
+    """Image-side HET-XL noise for the hetxl loss: d(x) starts at scale_init per coordinate of
+    the unit embeddings, the noise layers' kernels at kernel_scale x lecun-normal."""
     if loss != "hetxl":
         return None
-    return dict(num_factors=num_factors, diag_scale_init=0.01, kernel_init_scale=0.01)
+    return dict(
+        num_factors=num_factors, diag_scale_init=scale_init, kernel_init_scale=kernel_scale
+    )
 
 
 def noise_grad_norms(parameters: str | None) -> dict | None:

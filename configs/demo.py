@@ -6,7 +6,8 @@
     data_dir (the Fashion-MNIST IDX files), label_noise_model=class|image,
     label_noise_confusable=0.0, label_noise_other=0.0 (class), label_noise_rate=0.0 (image),
     label_noise_seed=0 (caption noise on the training images: data/label_noise.py), zeroshot_mc=False
-    (also the Monte-Carlo zero-shot metrics of the HET-XL prediction)
+    (also the Monte-Carlo zero-shot metrics of the HET-XL prediction), noise_scale_init=0.01 and
+    noise_kernel_scale=0.01 (where HET-XL's noise starts: docs/HETXL.md section 7)
 
 Images: the 60k Fashion-MNIST training images (28 px, grey -> RGB); texts: captions built from
 templates x synonyms x attributes that never equal a CLIP prompt. Towers: ViT (width 128, 4
@@ -46,6 +47,8 @@ def get_config(arg=None):
             label_noise_model="class",
             label_noise_rate=0.0,
             zeroshot_mc=False,
+            noise_scale_init=0.01,
+            noise_kernel_scale=0.01,
         ),
     )
     data_dir = args["data_dir"]
@@ -82,7 +85,11 @@ def get_config(arg=None):
                 **tower(depth=1),
             ),
             embed_dim=128,
-            noise=blocks.hetxl_noise(args["loss"]),
+            noise=blocks.hetxl_noise(
+                args["loss"],
+                scale_init=args["noise_scale_init"],
+                kernel_scale=args["noise_kernel_scale"],
+            ),
             temperature=temperature,
             bias_init=bias_init,
             image_size=IMAGE_SIZE,

@@ -75,6 +75,8 @@ class Settings:
       label_noise_model: "class" or "image" (data/label_noise.py).
       label_noise_confusable, label_noise_other: the "class" model's flip probabilities.
       label_noise_rate: the "image" model's mean flip probability.
+      noise_scale_init, noise_kernel_scale: where the contrastive HET-XL noise starts
+        (configs/demo.py args of the same names); None: the config's defaults.
       data_dir: folder of the Fashion-MNIST IDX files.
       tau_grid: fixed temperatures of the temperature claim.
     """
@@ -90,6 +92,8 @@ class Settings:
     tau_grid: tuple[float, ...]
     label_noise_model: str = "class"
     label_noise_rate: float = 0.0
+    noise_scale_init: float | None = None
+    noise_kernel_scale: float | None = None
 
     def noise_args(self) -> str:
         """The config args of the training labels' noise."""
@@ -164,11 +168,17 @@ def arms(claim: str, settings: Settings, skip: Sequence[str] = ()) -> list[Arm]:
 def _all_arms(claim: str, settings: Settings) -> list[Arm]:
     shared = f"{settings.noise_args()},batch={settings.batch},data_dir={settings.data_dir}"
     if claim == "contrastive":
+        noise_init = "".join(
+            f",{name}={getattr(settings, name)}"
+            for name in ("noise_scale_init", "noise_kernel_scale")
+            if getattr(settings, name) is not None
+        )
         return [
             Arm(
                 loss,
                 "configs/demo.py",
-                f"loss={loss},temperature=bounded_log,zeroshot_mc=True,{shared}",
+                f"loss={loss},temperature=bounded_log,zeroshot_mc=True,{shared}"
+                + (noise_init if loss == "hetxl" else ""),
             )
             for loss in ("hetxl", "clip", "siglip")
         ]

@@ -88,6 +88,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="image model: mean flip probability over the training images (default 0.2)",
     )
+    for name, meaning in (
+        ("noise_scale_init", "initial diagonal noise scale d(x)"),
+        ("noise_kernel_scale", "initial noise-layer kernel scale"),
+    ):
+        parser.add_argument(
+            f"--{name}",
+            type=float,
+            default=None,
+            help=f"contrastive HET-XL arm: its {meaning} (default: configs/demo.py's 0.01)",
+        )
     parser.add_argument(
         "--skip_arms",
         default="",
@@ -264,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         label_noise_other=args.label_noise_other,
         label_noise_model=args.label_noise_model,
         label_noise_rate=args.label_noise_rate,
+        noise_scale_init=args.noise_scale_init,
+        noise_kernel_scale=args.noise_kernel_scale,
         data_dir=args.data_dir,
         tau_grid=tuple(float(t) for t in args.taus.split(",") if t),
     )

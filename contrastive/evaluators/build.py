@@ -125,12 +125,12 @@ def build_evaluator(
     image_size = values["model"]["image_size"]
 
     if kind == "classification":
-        batches = _checked_eval_input(name, eval_input, image_size, ("label",))
+        batches = checked_eval_input(name, eval_input, image_size, ("label",))
         return ClassificationEvaluator(model, batches, local_batch, mesh)
 
     text = _checked_text_encoding(name, block, values)
     if kind == "retrieval":
-        batches = _checked_eval_input(name, eval_input, image_size, ("text",), text.length)
+        batches = checked_eval_input(name, eval_input, image_size, ("text",), text.length)
         if _tokenize_options(eval_input.pp) != (text.tokenizer, text.add_eos):
             raise ConfigError(
                 f"evals.{name}.input tokenizes captions otherwise than the training input: "
@@ -145,7 +145,7 @@ def build_evaluator(
             max_pairs=checked.max_pairs,
         )
 
-    batches = _checked_eval_input(name, eval_input, image_size, ("label",))
+    batches = checked_eval_input(name, eval_input, image_size, ("label",))
     classnames, templates = zeroshot_texts(block)
     prompts = zero_shot_prompts(classnames, templates)
     tokenizer = make_tokenizer(text.tokenizer, add_eos=text.add_eos)
@@ -195,7 +195,7 @@ def _local_batch_size(name: str, eval_input: InputConfig, mesh: Mesh) -> int:
     return batch // processes
 
 
-def _checked_eval_input(
+def checked_eval_input(
     name: str,
     eval_input: InputConfig,
     image_size: int,

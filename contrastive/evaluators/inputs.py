@@ -32,13 +32,20 @@ def label_eval_pp(image_size: int, crop: bool = True) -> str:
 
 
 def caption_eval_pp(
-    image_size: int, text_length: int, tokenizer: str, add_eos: bool = False, crop: bool = True
+    image_size: int,
+    text_length: int,
+    tokenizer: str,
+    add_eos: bool = False,
+    crop: bool = True,
+    keep_label: bool = False,
 ) -> str:
     """Op string for (image, caption) pairs: the image as label_eval_pp, the caption tokenized as
-    the model was trained (tokenizer spec, add_eos, text_length tokens)."""
+    the model was trained (tokenizer spec, add_eos, text_length tokens); keep_label also keeps
+    the records' "label"."""
     tokenize = f"tokenize(max_len={text_length}, model={tokenizer!r}"
     tokenize += ", add_eos=True)" if add_eos else ")"
-    return f"{_image_ops(image_size, crop)}|value_range(-1, 1)|{tokenize}|keep('image', 'text')"
+    keep = "keep('image', 'text', 'label')" if keep_label else "keep('image', 'text')"
+    return f"{_image_ops(image_size, crop)}|value_range(-1, 1)|{tokenize}|{keep}"
 
 
 def eval_input(source: dict[str, Any], pp: str, batch_size: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from contrastive.freezing import group_masks
 from contrastive.losses import make_loss
 from contrastive.mesh import make_mesh
 from contrastive.objectives import contrastive_objective
@@ -158,3 +159,32 @@ def test_a_multi_slice_mesh_keeps_fsdp_inside_a_slice_and_spans_slices_with_data
 def test_a_single_slice_mesh_uses_every_device_once():
     grid = make_mesh({"data": 4, "fsdp": 2}).devices
     assert sorted(device.id for device in grid.flat) == sorted(d.id for d in jax.devices())
+
+
+def test_group_norms_are_the_norms_of_the_groups_gradients_and_updates():
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    model = tiny_model("hetxl")
+    batch = random_batch()
+    optimizer = optax.sgd(0.5)  # update = -0.5 * gradient: the update norm is known too
+
+    def init_params(key):
+        return model.init(key, batch["image"][:1], batch["text"][:1])["params"]
+
+    state, shardings = init_train_state(init_params, optimizer, jax.random.key(0), mesh)
+    objective = contrastive_objective(model, make_loss("hetxl", **LOSS_OPTIONS["hetxl"]), mesh)
+    groups = {"noise": "image_noise_params/.*", "diag": ".*/diag_scale/(kernel|bias)"}
+    masks = group_masks(state.params, groups)
+    step = make_train_step(objective, optimizer, mesh, shardings, norm_groups=masks)
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads = jax.grad(lambda p: objective(p, batch, rng)[0])(state.params)
+    _, metrics = step(state, batch)
+    noise_grads = grads["image_noise_params"]
+    expected = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(noise_grads)))
+    diag = noise_grads["diag_scale"]
+    expected_diag = np.sqrt(np.sum(diag["kernel"] ** 2) + np.sum(diag["bias"] ** 2))
+    assert float(metrics["grad_norm_noise"]) == pytest.approx(expected, rel=1e-5)
+    assert float(metrics["grad_norm_diag"]) == pytest.approx(expected_diag, rel=1e-5)
+    assert float(metrics["update_norm_noise"]) == pytest.approx(0.5 * expected, rel=1e-5)
+    assert 0 < expected_diag < expected < float(metrics["grad_norm"])
+    with pytest.raises(ValueError, match=r"grad_norm_groups rules match no parameter: \['nois/.*'\]"):
+        group_masks(state.params, {"noise": "nois/.*"})
