@@ -194,9 +194,7 @@ def hetxl_noise(
     the unit embeddings, the noise layers' kernels at kernel_scale x lecun-normal."""
     if loss != "hetxl":
         return None
-    return dict(
-        num_factors=num_factors, diag_scale_init=scale_init, kernel_init_scale=kernel_scale
-    )
+    return dict(num_factors=num_factors, diag_scale_init=scale_init, kernel_init_scale=kernel_scale)
 
 
 def noise_grad_norms(parameters: str | None) -> dict | None:

@@ -5,9 +5,10 @@
     log_scale | fixed: the same for every loss, for matched baselines), epochs=5, batch=256,
     data_dir (the Fashion-MNIST IDX files), label_noise_model=class|image,
     label_noise_confusable=0.0, label_noise_other=0.0 (class), label_noise_rate=0.0 (image),
-    label_noise_seed=0 (caption noise on the training images: data/label_noise.py), zeroshot_mc=False
-    (also the Monte-Carlo zero-shot metrics of the HET-XL prediction), noise_scale_init=0.01 and
-    noise_kernel_scale=0.01 (where HET-XL's noise starts: docs/HETXL.md section 7)
+    label_noise_seed=0 (caption noise on the training images: data/label_noise.py),
+    zeroshot_mc=False (also the Monte-Carlo zero-shot metrics of the HET-XL prediction),
+    noise_scale_init=0.01 and noise_kernel_scale=0.01 (where HET-XL's noise starts:
+    docs/HETXL.md section 7)
 
 Images: the 60k Fashion-MNIST training images (28 px, grey -> RGB); texts: captions built from
 templates x synonyms x attributes that never equal a CLIP prompt. Towers: ViT (width 128, 4

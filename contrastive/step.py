@@ -106,7 +106,8 @@ def init_train_state(
 
 def _masked_norm(tree: Any, mask: Any) -> jax.Array:
     """The global L2 norm of the leaves of `tree` whose `mask` leaf is True."""
-    chosen = [leaf for leaf, keep in zip(jax.tree.leaves(tree), jax.tree.leaves(mask)) if keep]
+    pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(mask), strict=True)
+    chosen = [leaf for leaf, keep in pairs if keep]
     return optax.tree.norm(chosen)
 
 

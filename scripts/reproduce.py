@@ -9,19 +9,21 @@
 Trains every arm of the claim (contrastive/reproduction.py) once per seed with the normal
 trainer on Fashion-MNIST whose training labels, and so captions, carry noise: set by the class
 (the confusable garments flip more often) or by the individual image (images a weak image model
-confuses flip more often, to the class they look like): data/label_noise.py. It then writes OUT/<claim>.json (per-seed numbers,
-mean and std per arm, the verdict) and OUT/<claim>.md (the table and verdict lines; --table
-prints it). Each run is the config file plus overrides that `scripts.train` accepts as they are
-(the JSON holds the command of each arm). Runs live in a temporary folder, or in --workdir,
-where a finished run is reused by a later invocation with the same settings.
+confuses flip more often, to the class they look like): data/label_noise.py. It then writes
+OUT/<claim>.json (per-seed numbers, mean and std per arm, the verdict, the training trajectory
+of seed 0) and OUT/<claim>.md (the table and verdict lines; --table prints it). Each run is the
+config file plus overrides that `scripts.train` accepts as they are (the JSON holds the command
+of each arm). Runs live in a temporary folder, or in --workdir (one folder per distinct run,
+named by a digest of its settings), where a finished run is reused by any later invocation
+that asks for the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import dataclasses
+import hashlib
 import json
 import shlex
 import shutil

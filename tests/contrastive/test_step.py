@@ -186,5 +186,7 @@ def test_group_norms_are_the_norms_of_the_groups_gradients_and_updates():
     assert float(metrics["grad_norm_diag"]) == pytest.approx(expected_diag, rel=1e-5)
     assert float(metrics["update_norm_noise"]) == pytest.approx(0.5 * expected, rel=1e-5)
     assert 0 < expected_diag < expected < float(metrics["grad_norm"])
-    with pytest.raises(ValueError, match=r"grad_norm_groups rules match no parameter: \['nois/.*'\]"):
+    with pytest.raises(
+        ValueError, match=r"grad_norm_groups rules match no parameter: \['nois/.*'\]"
+    ):
         group_masks(state.params, {"noise": "nois/.*"})

@@ -28,7 +28,9 @@ def old_class_noise_reference(labels, confusable, other, seed):
     v = label_noise.example_uniforms(seed, len(labels), 1)
     result = labels.copy()
     for i, label in enumerate(labels):
-        group = label_noise.CONFUSABLE_CLASSES if label in label_noise.CONFUSABLE_CLASSES else range(10)
+        group = (
+            label_noise.CONFUSABLE_CLASSES if label in label_noise.CONFUSABLE_CLASSES else range(10)
+        )
         p = confusable if label in label_noise.CONFUSABLE_CLASSES else other
         if u[i] < p:
             choices = [c for c in group if c != label]
@@ -56,7 +58,9 @@ def test_weak_model_is_deterministic_and_learns_planted_classes():
     np.testing.assert_array_equal(probabilities, again)
     # New images of the same classes are classified too: the model is of pixels, not of rows.
     fresh = planted_images(labels[:100], seed=1)
-    assert np.mean(label_noise.weak_model_probabilities(model, fresh).argmax(1) == labels[:100]) > 0.99
+    assert (
+        np.mean(label_noise.weak_model_probabilities(model, fresh).argmax(1) == labels[:100]) > 0.99
+    )
 
 
 def test_rate_scale_meets_the_mean_rate_of_the_capped_formula():
@@ -115,7 +119,9 @@ def test_image_noise_source_varies_within_classes_and_keeps_its_ledger(tmp_path)
     options = dict(label_noise_model="image", label_noise_rate=0.25, label_noise_seed=4)
     source = FashionMnistSource(data_dir=str(tmp_path), **options)
     assert source.flip_probabilities.mean() == pytest.approx(0.25)
-    assert source.flip_probabilities[blurred].mean() > 2 * source.flip_probabilities[~blurred].mean()
+    assert (
+        source.flip_probabilities[blurred].mean() > 2 * source.flip_probabilities[~blurred].mean()
+    )
     for label in range(10):
         assert source.flip_probabilities[labels == label].std() > 0.01
     np.testing.assert_array_equal(source.clean_labels, labels)

@@ -190,7 +190,9 @@ def test_temperature_reuses_finished_runs_of_its_workdir(fashion_dir, tmp_path, 
     check_arms(
         first,
         ["learned", "tau=0.5"],
-        dict.fromkeys(["learned", "tau=0.5"], ("accuracy", "nll", "ece", "tau", *NOISE_DIAGNOSTICS)),
+        dict.fromkeys(
+            ["learned", "tau=0.5"], ("accuracy", "nll", "ece", "tau", *NOISE_DIAGNOSTICS)
+        ),
     )
     assert first["summary"]["tau=0.5"]["tau"]["mean"] == pytest.approx(0.5)
     assert 0.05 < first["summary"]["learned"]["tau"]["mean"] < 5.0
