@@ -475,6 +475,25 @@ def format_stat(stats: Mapping[str, float] | None) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
+def noise_table(report: Mapping[str, Any] | None) -> list[str]:
+    """Markdown lines of the training labels' noise per class (seed 0): the mean flip
+    probability, its spread over the class's images and the share actually flipped."""
+    if not report:
+        return []
+    lines = [
+        "",
+        "Training-label noise, seed 0 (flip probability over each class's images):",
+        "",
+        "| class | mean | std | 10th pct | median | 90th pct | flipped |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in [*report["classes"].items(), ("all", report["all"])]:
+        cells = [row[f"flip_probability_{k}"] for k in ("mean", "std", "p10", "p50", "p90")]
+        cells.append(row["flipped"])
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
+    return lines
+
+
 def markdown(result: Mapping[str, Any]) -> str:
     """The claim's table (mean ± std over seeds per arm and metric) and its verdict lines."""
     claim, summary = result["claim"], result["summary"]
@@ -500,6 +519,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         cells = [arm] + [format_stat(stats.get(c)) for c in columns]
         cells += [f"{parameters[arm][size]:,}" if arm in parameters else "—" for size in sizes]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += noise_table(result.get("label_noise_seed0"))
     judgement = result["judgement"]
     lines += ["", f"Claim: {judgement['statement']}.", ""]
     lines += [f"- {c['line']}" for c in judgement["primary"]]

@@ -206,6 +206,29 @@ def extra_parameters(arms, overrides: list[str]) -> dict[str, dict[str, int]]:
     return counts
 
 
+def label_noise_report(settings) -> dict | None:
+    """The training labels' noise of seed 0 per class (data/label_noise.noise_report), or None
+    without noise."""
+    import numpy as np
+
+    from data import label_noise
+    from data.fashion_mnist import LABEL_NAMES, FashionMnistSource
+
+    source = FashionMnistSource(
+        settings.data_dir,
+        label_noise_model=settings.label_noise_model,
+        label_noise_confusable=settings.label_noise_confusable,
+        label_noise_other=settings.label_noise_other,
+        label_noise_rate=settings.label_noise_rate,
+        label_noise_seed=0,
+    )
+    if not np.any(source.flip_probabilities):
+        return None
+    return label_noise.noise_report(
+        source.clean_labels, source.labels, source.flip_probabilities, LABEL_NAMES
+    )
+
+
 def run_claim(
     claim: str, settings, seeds: int, workdir: Path, skip_arms: tuple[str, ...] = ()
 ) -> dict:
@@ -251,6 +274,7 @@ def run_claim(
         "seeds": seeds,
         "settings": dataclasses.asdict(settings),
         "noise_model": rp.NOISE_MODELS[settings.label_noise_model],
+        "label_noise_seed0": label_noise_report(settings),
         "arms": per_arm,
         "summary": summary,
         "extra_parameters": parameters,

@@ -34,6 +34,7 @@ SCRIPTS = (
     "dirty_data",
     "chaos",
     "reproduce",
+    "score_pairs",
 )
 # Importing any of these costs seconds (TensorFlow, XLA) or pulls them in.
 HEAVY = ("jax", "tensorflow", "flax", "contrastive", "data", "models")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from contrastive import reproduction as rp
+from data.fashion_mnist import FashionMnistSource
 from scripts import reproduce
 from tests.data.helpers import make_fashion_dir
 
@@ -206,3 +207,45 @@ def test_temperature_reuses_finished_runs_of_its_workdir(fashion_dir, tmp_path, 
     assert reproduce.main([*argv, "--label_noise_other", "0.2"]) == 0
     assert set(runs) < set((tmp_path / "runs" / "runs").iterdir())
     assert len(list((tmp_path / "runs" / "runs").iterdir())) == 4
+
+
+def test_noise_by_image_reaches_every_run_and_is_reported_per_class(fashion_dir, tmp_path):
+    argv = ["classification", *TINY, "--data_dir", str(fashion_dir), "--out", str(tmp_path)]
+    argv += ["--label_noise_model", "image", "--label_noise_rate", "0.3", "--skip_arms", "het"]
+    assert reproduce.main(argv) == 0
+    result, table = read_result(tmp_path, "classification")
+    assert list(result["arms"]) == ["hetxl", "det"]
+    for arm in result["arms"].values():
+        assert "label_noise_model=image,label_noise_rate=0.3" in arm["command_seed0"]
+    assert result["noise_model"].startswith("image-conditional")
+    source = FashionMnistSource(
+        str(fashion_dir), label_noise_model="image", label_noise_rate=0.3, label_noise_seed=0
+    )
+    report = result["label_noise_seed0"]
+    assert report["all"]["flipped"] == pytest.approx(np.mean(source.labels != source.clean_labels))
+    assert report["all"]["flip_probability_mean"] == pytest.approx(0.3)
+    for row in report["classes"].values():
+        assert row["flip_probability_std"] > 0  # the rate varies within every class
+    assert "| all | 0.300 |" in table and "noise by image, rate 0.3" in table
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--label_noise_rate", "0.2"], "--label_noise_rate belongs to --label_noise_model image"),
+        (["--label_noise_model", "image", "--label_noise_other", "0.1"], "belong to"),
+        (["--label_noise_rate", "1.5"], "must be a probability"),
+    ],
+)
+def test_noise_flags_of_the_other_model_are_refused_while_parsing(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.parse_args(["classification", *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_primary_arm_cannot_be_skipped(tmp_path):
+    settings = rp.Settings(2, 16, 32, 1, 16, 0.4, 0.05, str(tmp_path), ())
+    with pytest.raises(ValueError, match=r"cannot be left out .* optional arms: \['siglip'\]"):
+        rp.arms("contrastive", settings, ("clip",))
+    assert [arm.name for arm in rp.arms("contrastive", settings, ("siglip",))] == ["hetxl", "clip"]
