@@ -112,6 +112,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
     terminal.add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    if args.claim != "contrastive":
+        given = [f"--{n}" for n in ("noise_scale_init", "noise_kernel_scale") if getattr(args, n)]
+        if given:
+            parser.error(f"{', '.join(given)} belong to the contrastive claim")
     class_options = ("label_noise_confusable", "label_noise_other")
     if args.label_noise_model == "image":
         given = [f"--{name}" for name in class_options if getattr(args, name) is not None]
@@ -305,13 +309,18 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=args.data_dir,
         tau_grid=tuple(float(t) for t in args.taus.split(",") if t),
     )
+    skip = tuple(name for name in args.skip_arms.split(",") if name)
+    try:
+        rp.arms(args.claim, settings, skip)
+    except ValueError as error:
+        print(f"reproduce.py: error: argument --skip_arms: {error}", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="reproduce-"))
     if not jax.config.jax_compilation_cache_dir:
         # The seeds of an arm compile the same programs: each is compiled once.
         jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     try:
-        skip = tuple(name for name in args.skip_arms.split(",") if name)
         result = run_claim(args.claim, settings, args.seeds, workdir, skip)
     finally:
         if not args.workdir:

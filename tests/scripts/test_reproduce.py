@@ -235,6 +235,7 @@ def test_noise_by_image_reaches_every_run_and_is_reported_per_class(fashion_dir,
         (["--label_noise_rate", "0.2"], "--label_noise_rate belongs to --label_noise_model image"),
         (["--label_noise_model", "image", "--label_noise_other", "0.1"], "belong to"),
         (["--label_noise_rate", "1.5"], "must be a probability"),
+        (["--noise_scale_init", "0.1"], "--noise_scale_init belong to the contrastive claim"),
     ],
 )
 def test_noise_flags_of_the_other_model_are_refused_while_parsing(flags, message, capsys):
@@ -249,3 +250,12 @@ def test_a_primary_arm_cannot_be_skipped(tmp_path):
     with pytest.raises(ValueError, match=r"cannot be left out .* optional arms: \['siglip'\]"):
         rp.arms("contrastive", settings, ("clip",))
     assert [arm.name for arm in rp.arms("contrastive", settings, ("siglip",))] == ["hetxl", "clip"]
+
+
+def test_skipping_a_primary_arm_is_a_usage_error_before_any_run(tmp_path, capsys):
+    workdir = tmp_path / "runs"
+    code = reproduce.main(["contrastive", "--skip_arms", "clip", "--workdir", str(workdir)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "argument --skip_arms" in err and "optional arms: ['siglip']" in err
+    assert not workdir.exists()  # refused before anything was created or trained
