@@ -40,7 +40,7 @@ def get_config(arg=None):
             text_length=TEXT_LENGTH,
         ),
         loss=blocks.loss_block(args["loss"]),
-        sampling=blocks.sampling(args["samples"], chunk=8),
+        sampling=blocks.sampling(args["samples"]),
         optim=blocks.adamw(lr=1e-3, weight_decay=1e-4, warmup_steps=0),
         total_steps=1000,
     )

@@ -160,9 +160,12 @@ def loss_block(name: str, column_chunk: int = 1024) -> dict:
     return dict(name=name, column_chunk_size=column_chunk)
 
 
-def sampling(samples: int = 16, chunk: int = 8) -> dict:
-    """The Monte-Carlo sampling block: S samples in training and evaluation, chunk at a time."""
-    return dict(train_samples=samples, eval_samples=samples, chunk_size=chunk)
+def sampling(samples: int = 16, chunk: int | None = None, chunk_bytes: int = 2**30) -> dict:
+    """The Monte-Carlo sampling block: S samples in training and evaluation, chunk at a time
+    (None: as many as fit chunk_bytes of logits per device, models/heteroscedastic/sampling.py)."""
+    return dict(
+        train_samples=samples, eval_samples=samples, chunk_size=chunk, chunk_bytes=chunk_bytes
+    )
 
 
 TEMPERATURES = ("bounded_log", "log_scale", "fixed")

@@ -97,7 +97,7 @@ def get_config(arg=None):
             text_length=TEXT_LENGTH,
         ),
         loss=blocks.loss_block(args["loss"]),
-        sampling=blocks.sampling(16, chunk=8),
+        sampling=blocks.sampling(16),
         optim=blocks.adamw(lr=2e-3, weight_decay=1e-4, warmup_fraction=0.08),
         total_epochs=args["epochs"],
         log_every=20,

@@ -11,7 +11,8 @@
     loss             contrastive: {"name": "clip" | "siglip" | "hetxl", **that loss's options}
     sampling         Monte-Carlo sampling of heteroscedastic noise, read by the HET / HET-XL
                      heads, the HET-XL loss and the MC evaluators: {"train_samples": int,
-                     "eval_samples": int, "chunk_size": int, "share_across_batch": bool}
+                     "eval_samples": int, "chunk_size": int | None (auto: within
+                     "chunk_bytes"), "chunk_bytes": int, "share_across_batch": bool}
                      (models/heteroscedastic/sampling.py; defaults for keys left out)
     optim            see contrastive/optim.py
     total_steps | total_epochs | total_examples     exactly one of them

@@ -75,19 +75,6 @@ from scripts.terminal import positive_int
 # silenced TensorFlow's start-up logs (scripts/terminal.py); --help loads none of them.
 
 
-def median_call_ms(fn, *args, repeats: int) -> float:
-    """Median wall time of fn(*args) in milliseconds, after one warm-up call."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def random_loss_inputs(mesh, batch: int, dim: int, factors: int, seed: int = 0) -> dict:
     """Unit-norm embeddings and modest HET-XL noise, placed batch-sharded on the mesh."""
     import jax
@@ -118,12 +105,16 @@ def random_loss_inputs(mesh, batch: int, dim: int, factors: int, seed: int = 0) 
 
 
 def benchmark_losses(args) -> list[dict]:
+    """One row per loss (and per S for HET-XL), timed in alternating rounds; see the module
+    docstring."""
     import jax
 
+    from contrastive.flop_count import jaxpr_matmul_flops
     from contrastive.losses import make_loss, shard_loss
     from contrastive.mesh import make_mesh
     from contrastive.xla_stats import peak_bytes
     from models.heteroscedastic import Sampling
+    from scripts.benchmark_floor import ClipWorkFloor
 
     mesh = make_mesh()
     if args.batch % mesh.size:
@@ -138,24 +129,61 @@ def benchmark_losses(args) -> list[dict]:
     for samples in args.samples:
         sampling = Sampling(samples, samples, chunk_size=args.sample_chunk)
         losses.append(("hetxl", samples, make_loss("hetxl", sampling=sampling, **chunk)))
-    rows = []
+        losses.append(("floor", samples, ClipWorkFloor(samples, args.column_chunk)))
+    rows, calls = [], []
     for name, samples, loss in losses:
         sharded = shard_loss(loss, mesh)
         value_and_grad = jax.jit(
             jax.value_and_grad(lambda outputs, fn=sharded: fn(outputs, rng)[0])
         )
-        compiled = value_and_grad.lower(inputs).compile()
+        traced = value_and_grad.trace(inputs)
+        compiled = traced.lower().compile()
+        calls.append(compiled)
+        local_batch = args.batch // mesh.size
         rows.append(
             dict(
                 loss=name,
                 samples=samples,
                 batch=args.batch,
                 dim=args.dim,
-                step_ms=round(median_call_ms(compiled, inputs, repeats=args.repeats), 3),
+                devices=mesh.size,
+                chunk=loss.samples_per_chunk(local_batch, args.batch) if name == "hetxl" else None,
+                step_ms=None,
+                vs_clip=None,
+                vs_floor=None,
+                floor_ms=None,
+                floor_gflop=None,
+                # Per device: the count covers the whole mesh's computation.
+                gflop=significant(jaxpr_matmul_flops(traced.jaxpr) / mesh.size / 1e9),
                 peak_bytes=peak_bytes(compiled),
             )
         )
-    return rows
+    times = alternating_call_ms(calls, inputs, args.repeats)
+    for row, row_times in zip(rows, times, strict=True):
+        row["step_ms"] = round(statistics.median(row_times), 3)
+    clip_ms = rows[0]["step_ms"]
+    for index, row in enumerate(rows):
+        row["vs_clip"] = round(row["step_ms"] / clip_ms, 3)
+        if row["loss"] == "hetxl":  # its floor is the next row
+            floor = rows[index + 1]
+            row.update(floor_ms=floor["step_ms"], floor_gflop=floor["gflop"])
+            row["vs_floor"] = round(row["step_ms"] / floor["step_ms"], 3)
+    return [row for row in rows if row["loss"] != "floor"]
+
+
+def alternating_call_ms(calls, inputs, repeats: int) -> list[list[float]]:
+    """Wall times (ms) of each call(inputs) over `repeats` rounds of one call each, after an
+    untimed round: every call sees the same machine load."""
+    import jax
+
+    times = [[] for _ in calls]
+    for round_index in range(repeats + 1):
+        for call, call_times in zip(calls, times, strict=True):
+            start = time.perf_counter()
+            jax.block_until_ready(call(inputs))
+            if round_index:
+                call_times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def config_spec(config: str, loss: str | None) -> str:
@@ -440,7 +468,12 @@ def main(argv: list[str] | None = None) -> None:
         "--samples", type=positive_int, nargs="+", default=[16], help="HET-XL MC samples"
     )
     loss.add_argument("--factors", type=positive_int, default=8, help="HET-XL low-rank factors R")
-    loss.add_argument("--sample-chunk", type=positive_int, default=8)
+    loss.add_argument(
+        "--sample-chunk",
+        type=positive_int,
+        default=None,
+        help="HET-XL samples per chunk (default: as many as fit the sampling block's chunk_bytes)",
+    )
     loss.add_argument("--column-chunk", type=positive_int, default=1024)
     loss.add_argument("--repeats", type=positive_int, default=10)
     step = commands.add_parser("step", help="the whole train step of a config")
@@ -497,6 +530,13 @@ def main(argv: list[str] | None = None) -> None:
         type=benchmark_head.head_list,
         default=["det", "het", "hetxl"],
         help="comma-separated (default: det,het,hetxl)",
+    )
+    head.add_argument(
+        "--forms",
+        type=benchmark_head.form_list,
+        default=["auto"],
+        help="HET-XL's algebra, comma-separated: auto (the cost model's choice), dense, w_once; "
+        "several time each as its own row (default: auto)",
     )
     head.add_argument("--dim", type=positive_int, default=256, help="pre-logit dimension D")
     head.add_argument("--batch", type=positive_int, default=128, help="global batch")

@@ -44,6 +44,10 @@ from typing import Any
 from scripts import model_summary
 
 CLASSIFY_CONFIG = "configs/classify.py"
+# models.heteroscedastic.logit_distributions.PRELOGIT_FORMS, spelled out so that --help and
+# argument errors need no jax (a test keeps the two equal).
+PRELOGIT_FORMS = ("auto", "dense", "w_once")
+FLOOR = "floor"  # the work floor of a HET-XL row (scripts/benchmark_floor.py)
 GIB = 2**30
 
 
@@ -65,6 +69,17 @@ def head_list(text: str) -> list[str]:
     if not heads:
         raise argparse.ArgumentTypeError(f"expected comma-separated head kinds, got {text!r}")
     return heads
+
+
+def form_list(text: str) -> list[str]:
+    """ "auto,w_once" -> ["auto", "w_once"] (argparse type)."""
+    forms = [item for item in text.split(",") if item]
+    unknown = [form for form in forms if form not in PRELOGIT_FORMS]
+    if not forms or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated forms of {list(PRELOGIT_FORMS)}, got {text!r}"
+        )
+    return forms
 
 
 def available_memory_per_device(device) -> int:
@@ -96,31 +111,44 @@ class HeadStep:
         batch_size: int,
         mesh,
         overrides: Sequence[str] = (),
+        form: str = "auto",
     ):
         import jax
         import numpy as np
 
         from contrastive.experiment import classifier_from_config
+        from contrastive.flop_count import jaxpr_matmul_flops
         from contrastive.mesh import batch_sharding
         from contrastive.optim import make_optimizer
         from contrastive.step import abstract_train_state, make_train_step
         from models.heteroscedastic import HeteroscedasticHead
+        from scripts.benchmark_floor import HeadWorkFloor
         from scripts.config_loader import load_config
 
         self.kind, self.classes, self.samples = kind, classes, samples
         self.dim, self.batch_size, self.mesh = dim, batch_size, mesh
-        spec = f"{CLASSIFY_CONFIG}:head={kind},classes={classes},samples={samples}"
+        # The floor of an S-sample HET-XL step is built from HET-XL's own config.
+        config_kind = "hetxl" if kind == FLOOR else kind
+        spec = f"{CLASSIFY_CONFIG}:head={config_kind},classes={classes},samples={samples}"
         values = load_config(spec, overrides).to_dict()
         # The classifier's own head, built by the one function that builds it for training.
         classifier = classifier_from_config(values)
-        self.head = HeteroscedasticHead(
-            classifier.num_classes,
-            classifier.head,
-            classifier.likelihood,
-            classifier.noise,
-            classifier.temperature,
-            classifier.sampling,
-        )
+        if kind == FLOOR:
+            self.head = HeadWorkFloor(classifier.num_classes, samples, classifier.noise)
+        else:
+            self.head = HeteroscedasticHead(
+                classifier.num_classes,
+                classifier.head,
+                classifier.likelihood,
+                classifier.noise,
+                classifier.temperature,
+                classifier.sampling,
+                prelogit_form=form,
+            )
+        # As the head sees it under jit: the global batch.
+        noisy = kind in ("het", "hetxl")
+        self.form = self.head.form_for(dim, batch_size, train=True) if kind == "hetxl" else None
+        self.chunk = self.head.chunk_for(batch_size, train=True) if noisy else None
         generator = np.random.default_rng(0)
         self.batch = jax.device_put(
             {
@@ -140,7 +168,10 @@ class HeadStep:
         step = make_train_step(
             None, self.optimizer, self.mesh, self.shardings, value_and_grad=self.value_and_grad
         )
-        self.compiled = step.lower(abstract_state, self.batch).compile()
+        traced = step.trace(abstract_state, self.batch)
+        # The count covers the whole mesh's computation; each device does an equal share.
+        self.gflop = jaxpr_matmul_flops(traced.jaxpr) / mesh.size / 1e9
+        self.compiled = traced.lower().compile()
         self.state = None
         self.times_ms: list[float] = []
         self.warm_up_ms: float | None = None
@@ -154,8 +185,11 @@ class HeadStep:
             {"params": params_key, "noise": noise_key},
             batch["pre_logits"][:1],
             batch["label"][:1],
-            train=True,
+            **self._train_kwargs(),
         )["params"]
+
+    def _train_kwargs(self) -> dict:
+        return {} if self.kind == FLOOR else {"train": True}
 
     def value_and_grad(self, params, batch, rng):
         """((loss, metrics), parameter gradients); the input's gradient is computed as a tower
@@ -165,7 +199,11 @@ class HeadStep:
 
         def loss(params, pre_logits):
             log_lik = self.head.apply(
-                {"params": params}, pre_logits, batch["label"], train=True, rngs={"noise": rng}
+                {"params": params},
+                pre_logits,
+                batch["label"],
+                rngs={"noise": rng},
+                **self._train_kwargs(),
             )
             return -jnp.mean(log_lik)
 
@@ -213,8 +251,16 @@ class HeadStep:
             samples=self.samples,
             dim=self.dim,
             batch=self.batch_size,
+            devices=self.mesh.size,
             step_ms=step_ms,
             vs_det=None,
+            vs_floor=None,
+            vs_het=None,
+            form=self.form,
+            chunk=self.chunk,
+            step_gflop=float(f"{self.gflop:.4g}"),
+            floor_ms=None,
+            floor_gflop=None,
             timed_calls=len(self.times_ms),
             peak_bytes=self.peak_bytes(),
             temp_bytes=int(stats.temp_size_in_bytes),
@@ -256,9 +302,10 @@ def benchmark_heads(args, overrides: Sequence[str] = ()) -> list[dict]:
     for classes in args.classes:
         start = time.perf_counter()
         steps = [
-            HeadStep(kind, classes, samples, args.dim, args.batch, mesh, overrides)
-            for kind in args.heads
+            HeadStep(kind, classes, samples, args.dim, args.batch, mesh, overrides, form)
+            for kind in args.heads + ([FLOOR] if "hetxl" in args.heads else [])
             for samples in ([1] if kind == "det" else args.samples)
+            for form in (args.forms if kind == "hetxl" else ["auto"])
         ]
         # The states of one K's steps are all allocated at once (their timings alternate).
         fits, reasons, remaining = [], {}, memory
@@ -277,11 +324,8 @@ def benchmark_heads(args, overrides: Sequence[str] = ()) -> list[dict]:
         for step in steps:
             rows_of_k.append(step.row(reasons.get(step)))
             step.release()
-        det_ms = next((row["step_ms"] for row in rows_of_k if row["head"] == "det"), None)
-        for row in rows_of_k:
-            if det_ms and row["step_ms"] is not None:
-                row["vs_det"] = round(row["step_ms"] / det_ms, 3)
-        rows += rows_of_k
+        compare_rows(rows_of_k)
+        rows += [row for row in rows_of_k if row["head"] != FLOOR]
         print(  # progress: a full table takes many minutes on a CPU
             f"K={classes:,}: {len(fits)} of {len(steps)} combinations timed "
             f"in {time.perf_counter() - start:.0f} s",
@@ -289,6 +333,39 @@ def benchmark_heads(args, overrides: Sequence[str] = ()) -> list[dict]:
             flush=True,
         )
     return rows
+
+
+def compare_rows(rows_of_k: list[dict]) -> None:
+    """Fills the ratios of one K's rows: vs_det (to DET's step), and for HET-XL rows vs_floor
+    (to the work floor of the same S, whose time and FLOPs the row also carries) and vs_het (to
+    HET's step of the same S)."""
+
+    def find(head, samples=None):
+        return next(
+            (
+                row
+                for row in rows_of_k
+                if row["head"] == head
+                and (samples is None or row["samples"] == samples)
+                and row["step_ms"] is not None
+            ),
+            None,
+        )
+
+    det = find("det")
+    for row in rows_of_k:
+        if row["step_ms"] is None:
+            continue
+        if det:
+            row["vs_det"] = round(row["step_ms"] / det["step_ms"], 3)
+        if row["head"] != "hetxl":
+            continue
+        floor, het = find(FLOOR, row["samples"]), find("het", row["samples"])
+        if floor:
+            row["floor_ms"], row["floor_gflop"] = floor["step_ms"], floor["step_gflop"]
+            row["vs_floor"] = round(row["step_ms"] / floor["step_ms"], 3)
+        if het:
+            row["vs_het"] = round(row["step_ms"] / het["step_ms"], 3)
 
 
 def format_head_table(rows: list[dict]) -> str:
@@ -299,6 +376,12 @@ def format_head_table(rows: list[dict]) -> str:
         ("S", 5, lambda row: str(row["samples"])),
         ("step ms", 10, lambda row: _number(row["step_ms"], ".1f")),
         ("vs DET", 7, lambda row: _number(row["vs_det"], ".2f")),
+        ("vs floor", 8, lambda row: _number(row["vs_floor"], ".2f")),
+        ("vs HET", 7, lambda row: _number(row["vs_het"], ".2f")),
+        ("form", 6, lambda row: row["form"] or "-"),
+        ("chunk", 5, lambda row: _number(row["chunk"], "d")),
+        ("GFLOP", 8, lambda row: _number(row["step_gflop"], ".2f")),
+        ("floor GFLOP", 11, lambda row: _number(row["floor_gflop"], ".2f")),
         ("calls", 5, lambda row: str(row["timed_calls"])),
         ("peak MiB", 9, lambda row: f"{row['peak_bytes'] / 2**20:.1f}"),
         ("temp MiB", 9, lambda row: f"{row['temp_bytes'] / 2**20:.1f}"),

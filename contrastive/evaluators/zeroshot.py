@@ -50,7 +50,7 @@ class MonteCarlo:
 
     Attributes:
       sampling: the run's sampling block; S = sampling.eval_samples noisy embeddings per image,
-        drawn sampling.chunk_size at a time (memory, not results, depends on the chunk).
+        drawn in chunks of sampling.samples_per_chunk (memory, not results, depends on them).
       renormalize: as the training loss (HetXLLoss) does.
       seed: the noise key, fixed so that repeated evaluations agree.
     """
@@ -127,7 +127,9 @@ def mc_class_log_probs(
         example_ids,
         jax.random.key(monte_carlo.seed),
         monte_carlo.sampling.eval_samples,
-        monte_carlo.sampling.chunk_size,
+        monte_carlo.sampling.samples_per_chunk(
+            monte_carlo.sampling.eval_samples, image_embeddings.shape[0] * classes.shape[0]
+        ),
     )
 
 

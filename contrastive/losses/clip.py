@@ -1,8 +1,9 @@
 """CLIP's symmetric softmax loss over the global batch.
 
-Each device scores its b local images against all B texts (image -> text) and its b local texts
-against all B images (text -> image); the matching pair of local example i is global example
-offset + i. The loss is the mean of both directions' cross-entropies over the global batch.
+Each device scores its b local images against all B texts once: the rows of that block give
+image -> text, its columns (combined across devices in log space) text -> image; the matching
+pair of local example i is global example offset + i. The loss is the mean of both directions'
+cross-entropies over the global batch.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
 from contrastive.losses.metrics import global_mean, logit_statistics
-from contrastive.losses.sharding import AxisNames, gather_batch, require_positive, row_logsumexp
+from contrastive.losses.sharding import (
+    AxisNames,
+    gather_batch,
+    pair_log_likelihoods,
+    require_positive,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,13 +37,13 @@ class ClipLoss:
         del rng
         images, texts = outputs["image_embedding"], outputs["text_embedding"]
         scale = 1.0 / outputs["tau"]
-        positive = scale * jnp.sum(images * texts, axis=-1)
-        chunk = self.column_chunk_size
-        image_to_text = positive - row_logsumexp(
-            images, gather_batch(texts, axis_names), scale, chunk
-        )
-        text_to_image = positive - row_logsumexp(
-            texts, gather_batch(images, axis_names), scale, chunk
+        image_to_text, text_to_image = pair_log_likelihoods(
+            images,
+            texts,
+            gather_batch(texts, axis_names),
+            scale,
+            self.column_chunk_size,
+            axis_names,
         )
         loss_i2t = -global_mean(image_to_text, axis_names)
         loss_t2i = -global_mean(text_to_image, axis_names)

@@ -31,10 +31,9 @@ from contrastive.losses.sharding import (
     AxisNames,
     batch_offset,
     gather_batch,
-    logsumexp_across,
+    pair_log_likelihoods,
     require_positive,
     row_logsumexp,
-    scan_column_chunks,
 )
 from models.heteroscedastic import Sampling, log_mean_exp_over_samples, sample_prelogit_noise
 
@@ -44,7 +43,7 @@ class HetXLLoss:
     """Reads "image_embedding", "text_embedding", "tau" and "noise" (NoiseParameters of the images).
 
     Attributes:
-      sampling: S = sampling.train_samples per step, drawn sampling.chunk_size at a time.
+      sampling: S = sampling.train_samples per step, in chunks of `samples_per_chunk`.
       column_chunk_size: texts scored at once.
       renormalize: project each noisy image embedding back onto the unit sphere.
     """
@@ -72,7 +71,7 @@ class HetXLLoss:
             example_ids,
             rng,
             self.sampling.train_samples,
-            self.sampling.chunk_size,
+            self.samples_per_chunk(local_batch, all_texts.shape[0]),
         )
         loss_i2t = -global_mean(log_lik[0], axis_names)
         loss_t2i = -global_mean(log_lik[1], axis_names)
@@ -88,6 +87,11 @@ class HetXLLoss:
             **logit_statistics(images, texts, scale, 0.0, axis_names),
         }
         return (loss_i2t + loss_t2i) / 2, metrics
+
+    def samples_per_chunk(self, local_batch: int, global_batch: int) -> int:
+        """Samples scored at once: each forms f32[local batch, column chunk] logits at a time."""
+        columns = min(self.column_chunk_size, global_batch)
+        return self.sampling.samples_per_chunk(self.sampling.train_samples, local_batch * columns)
 
     def _noisy(self, embeddings, noise, key, sample_ids, example_ids):
         """Noisy copies f32[C, b, D] of unit embeddings f32[b, D], one per sample id."""
@@ -107,9 +111,9 @@ class HetXLLoss:
         images, texts, all_texts, noise, tau, text_noise, all_images = operands
         scale = 1.0 / tau
         noisy_images = self._noisy(images, noise, key, sample_ids, example_ids)
-        positive = scale * jnp.sum(noisy_images * texts, axis=-1)  # [C, b]
         if text_noise is not None:
             # Both sides noisy: each direction is a row-wise softmax of its own noisy rows.
+            positive = scale * jnp.sum(noisy_images * texts, axis=-1)  # [C, b]
             image_to_text = positive - row_logsumexp(
                 noisy_images, all_texts, scale, self.column_chunk_size
             )
@@ -121,18 +125,7 @@ class HetXLLoss:
             )
             return jnp.stack([image_to_text, text_to_image], axis=1)
 
-        def chunk_fn(row_total, dots, valid, _):
-            logits = jnp.where(valid, scale * dots, -jnp.inf)  # [C, b, c]
-            row_total = jnp.logaddexp(row_total, jax.nn.logsumexp(logits, axis=-1))
-            # This device's rows' share of each column's log-sum-exp.
-            return row_total, jax.nn.logsumexp(logits, axis=-2)
-
-        initial = jnp.full_like(positive, -jnp.inf)
-        row_total, column_chunks = scan_column_chunks(
-            noisy_images, all_texts, self.column_chunk_size, chunk_fn, initial
+        image_to_text, text_to_image = pair_log_likelihoods(
+            noisy_images, texts, all_texts, scale, self.column_chunk_size, axis_names
         )
-        num_columns = all_texts.shape[0]
-        # [n, C, c] -> [C, n * c] -> drop padding -> [C, B]
-        column_partial = jnp.moveaxis(column_chunks, 0, 1).reshape(positive.shape[0], -1)
-        column_total = logsumexp_across(column_partial[:, :num_columns], axis_names, 1)
-        return jnp.stack([positive - row_total, positive - column_total], axis=1)
+        return jnp.stack([image_to_text, text_to_image], axis=1)

@@ -81,6 +81,43 @@ def row_logsumexp(
     return scan_column_chunks(rows, columns, chunk_size, chunk_fn, initial)[0]
 
 
+def pair_log_likelihoods(
+    images: jax.Array,
+    texts: jax.Array,
+    all_texts: jax.Array,
+    scale: jax.Array,
+    chunk_size: int,
+    axis_names: AxisNames,
+) -> tuple[jax.Array, jax.Array]:
+    """Softmax log-likelihoods of the matching pairs in both directions, f32[..., b] each.
+
+    images f32[..., b, D] (leading sample axes allowed) are this device's rows, texts f32[b, D]
+    their captions and all_texts f32[B, D] the gathered captions. image -> text is the row
+    softmax over all B texts; text -> image the column softmax of caption i over all B images
+    of the same leading index, its log-sum-exp combined across devices in log space. Both come
+    from ONE pass over the [..., b, B] logit block per direction of differentiation: no device
+    scores its texts against the gathered images a second time.
+    """
+    positive = scale * jnp.sum(images * texts, axis=-1)
+
+    def chunk_fn(row_total, dots, valid, _):
+        logits = jnp.where(valid, scale * dots, -jnp.inf)  # [..., b, c]
+        row_total = jnp.logaddexp(row_total, jax.nn.logsumexp(logits, axis=-1))
+        # This device's rows' share of each column's log-sum-exp.
+        return row_total, jax.nn.logsumexp(logits, axis=-2)
+
+    initial = jnp.full_like(positive, -jnp.inf)
+    row_total, column_chunks = scan_column_chunks(images, all_texts, chunk_size, chunk_fn, initial)
+    num_columns = all_texts.shape[0]
+    # [n, ..., c] -> [..., n * c] -> drop padding -> [..., B]
+    column_partial = jnp.moveaxis(column_chunks, 0, -2)
+    column_partial = column_partial.reshape(column_partial.shape[:-2] + (-1,))
+    column_total = logsumexp_across(
+        column_partial[..., :num_columns], axis_names, column_partial.ndim - 1
+    )
+    return positive - row_total, positive - column_total
+
+
 def logsumexp_across(
     partial_logsumexp: jax.Array, axis_names: AxisNames, scatter_dimension: int
 ) -> jax.Array:

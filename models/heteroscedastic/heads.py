@@ -33,6 +33,8 @@ class HeteroscedasticHead(nn.Module):
       noise: covariance parameterisation (ignored by "det").
       sampling: how many MC samples, in what chunks (ignored by "det").
       temperature: fixed or learned tau.
+      prelogit_form: HET-XL's algebra, "auto" (the cheaper for the call's shapes, by the cost
+        model of logit_distributions.prelogit_form), "dense" or "w_once"; results agree.
 
     Parameters: kernel f32[D, K], bias f32[K], noise/... (HET, HET-XL), temperature/... (learned).
     Randomness: the "noise" RNG stream, needed unless kind == "det" or deterministic=True.
@@ -44,6 +46,25 @@ class HeteroscedasticHead(nn.Module):
     noise: NoiseConfig = NoiseConfig()
     temperature: TemperatureConfig = TemperatureConfig()
     sampling: Sampling = Sampling()
+    prelogit_form: str = "auto"
+
+    def chunk_for(self, batch_size: int, train: bool) -> int:
+        """Samples per chunk for a (per-device) batch: each sample forms f32[batch, K] logits."""
+        return self.sampling.samples_per_chunk(
+            self.sampling.samples(train), batch_size * self.num_classes
+        )
+
+    def form_for(self, dim: int, batch_size: int, train: bool, deterministic: bool = False) -> str:
+        """HET-XL's form ("dense" or "w_once") of a call on f32[batch_size, dim] pre-logits."""
+        if self.prelogit_form != "auto":
+            return self.prelogit_form
+        if deterministic:
+            return "dense"  # the mean only: W once would form W^T V for nothing
+        num_samples = self.sampling.samples(train)
+        chunks = -(-num_samples // self.chunk_for(batch_size, train))
+        return logit_distributions.prelogit_form(
+            num_samples, dim, self.noise.num_factors, self.noise.diag_mode, num_chunks=chunks
+        )
 
     @nn.compact
     def __call__(
@@ -71,16 +92,15 @@ class HeteroscedasticHead(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.num_classes,))
         tau = Temperature(self.temperature, name="temperature")()
         self.sow("intermediates", "tau", tau)  # read by trainers as a metric
-        # No samples are drawn when deterministic: the cheapest form then only holds the mean.
-        num_samples = 0 if deterministic else self.sampling.samples(train)
-        distribution = self._logit_distribution(pre_logits, kernel, bias, num_samples)
+        num_samples = self.sampling.samples(train)
+        distribution = self._logit_distribution(pre_logits, kernel, bias, train, deterministic)
         if self.kind == "det" or deterministic:
             if labels is None:
                 return mc.deterministic_log_probs(distribution, tau, self.likelihood)
             return mc.deterministic_log_likelihood(distribution, tau, labels, self.likelihood)
         sampling = dict(
             num_samples=num_samples,
-            chunk_size=self.sampling.chunk_size,
+            chunk_size=self.chunk_for(pre_logits.shape[0], train),
             share_across_batch=self.sampling.share_across_batch,
             likelihood=self.likelihood,
         )
@@ -90,9 +110,14 @@ class HeteroscedasticHead(nn.Module):
         return mc.mc_log_likelihood(distribution, tau, labels, key, **sampling)
 
     def _logit_distribution(
-        self, pre_logits: jax.Array, kernel: jax.Array, bias: jax.Array, num_samples: int
+        self,
+        pre_logits: jax.Array,
+        kernel: jax.Array,
+        bias: jax.Array,
+        train: bool,
+        deterministic: bool,
     ) -> logit_distributions.Distribution:
-        """The logits' distribution; HET-XL's in the cheaper form for num_samples samples."""
+        """The logits' distribution; HET-XL's in the form `form_for` picks for the call."""
         if self.kind == "det":
             return logit_distributions.LogitDistribution(pre_logits @ kernel + bias)
         noise_dim = self.num_classes if self.kind == "het" else pre_logits.shape[-1]
@@ -106,6 +131,6 @@ class HeteroscedasticHead(nn.Module):
         )
         if self.kind == "het":
             return logit_distributions.logit_noise_logits(pre_logits @ kernel + bias, noise)
-        return logit_distributions.prelogit_noise_logits(
-            pre_logits, kernel, noise, bias, num_samples=num_samples
-        )
+        batch_size, dim = pre_logits.shape
+        form = self.form_for(dim, batch_size, train, deterministic)
+        return logit_distributions.prelogit_noise_logits(pre_logits, kernel, noise, bias, form=form)

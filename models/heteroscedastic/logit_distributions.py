@@ -102,19 +102,33 @@ class PrelogitDistribution(_NoiseDraws):
 Distribution = LogitDistribution | PrelogitDistribution
 
 
-def prelogit_form_costs(
-    num_samples: int, dim: int, num_factors: int, diag_mode: str | None
-) -> dict[str, int]:
-    """Multiply-adds per example and class of the two forms of S samples of HET-XL's logits.
+# Multiply-adds one byte of memory traffic is worth, by platform: a matmul-bound form and a
+# memory-bound one are compared in one unit. CPU ~ 25 GMAC/s over ~12 GB/s; accelerators run
+# their matmul units far faster than their memory (H100 ~ 500 TMAC/s bf16 over 3.4 TB/s).
+MACS_PER_BYTE = {"cpu": 2.0, "gpu": 100.0, "tpu": 100.0}
 
-    Only the terms proportional to K count (K >> D, R in the settings that matter). The backward
-    pass repeats each matmul twice, so it scales both forms alike (over several chunks of samples
-    the per-sample terms are recomputed once more, which favours W once a little; ignored).
-      dense:  S*D            each sample's (phi + eps_s) @ W.
+
+def prelogit_form_costs(
+    num_samples: int,
+    dim: int,
+    num_factors: int,
+    diag_mode: str | None,
+    num_chunks: int = 1,
+) -> dict[str, dict[str, int]]:
+    """Work per example and class of the two forms of S samples of HET-XL's logits.
+
+    {"dense" | "w_once": {"macs": multiply-adds, "bytes": memory traffic beyond the logits}}.
+    Only the terms proportional to K count (K >> D, R in the settings that matter); both forms
+    write and read the same S x B x K logits, so those bytes cancel. The backward pass repeats
+    each matmul twice, which scales both forms' multiply-adds alike.
+      dense:  S*D            each sample's (phi + eps_s) @ W; no other K-sized tensor.
       w_once: D + R*D        phi @ W and W^T V, once per example;
               + S*R          each sample's (W^T V) e_R,s;
               + S*D          per_dim: each sample's W^T (d * e_N,s);
-              + D + S        shared_scalar: d^T W once, then its multiple e_N,s per sample.
+              + D + S        shared_scalar: d^T W once, then its multiple e_N,s per sample;
+              bytes 4*R*(1 + 3*chunks): f32[B, K, R] W^T V is written once and, for every chunk
+              of samples, read forward, read again backward and its gradient accumulated: a
+              batched matrix-vector product per example, bound by memory, not by the matmul unit.
     diag_mode: "per_dim", "shared_scalar" or None (no diagonal noise).
     """
     _check_diag_mode(diag_mode)
@@ -123,7 +137,10 @@ def prelogit_form_costs(
         w_once += num_samples * dim
     elif diag_mode == "shared_scalar":
         w_once += dim + num_samples
-    return {"dense": num_samples * dim, "w_once": w_once}
+    return {
+        "dense": {"macs": num_samples * dim, "bytes": 0},
+        "w_once": {"macs": w_once, "bytes": 4 * num_factors * (1 + 3 * max(1, num_chunks))},
+    }
 
 
 def _check_diag_mode(diag_mode: str | None) -> None:
@@ -132,17 +149,25 @@ def _check_diag_mode(diag_mode: str | None) -> None:
 
 
 def prelogit_form(
-    num_samples: int | None, dim: int, num_factors: int, diag_mode: str | None
+    num_samples: int | None,
+    dim: int,
+    num_factors: int,
+    diag_mode: str | None,
+    num_chunks: int = 1,
+    platform: str | None = None,
 ) -> str:
-    """The form of HET-XL's logits ("dense" or "w_once") that costs fewer flops for S samples.
+    """The form of HET-XL's logits ("dense" or "w_once") that costs less for S samples.
 
-    With per-dimension diagonal noise W once never wins (it still maps D-dim noise through W per
+    Cost = multiply-adds + MACS_PER_BYTE[platform] * bytes (`prelogit_form_costs`). With
+    per-dimension diagonal noise W once never wins (it still maps D-dim noise through W per
     sample, on top of W^T V). Otherwise dense wins while S*D <= D*(R + 1) + S*R (plus D + S in
-    shared-scalar mode), i.e. for S up to about R*D / (D - R): W^T V pays off only over many
-    samples. Ties go to dense, which also never holds the f32[B, K, R] tensor W^T V.
+    shared-scalar mode) plus the bytes of W^T V: W once pays off only over many samples. Ties go
+    to dense, which also never holds the f32[B, K, R] tensor W^T V.
     num_samples: S; 0 when only the mean is needed (deterministic prediction); None when unknown,
       which picks W once unless per-dimension diagonal noise is present: its cost per sample,
       R*K, is the smaller one for large S.
+    num_chunks: how many chunks the S samples are evaluated in (W^T V is read once per chunk).
+    platform: "cpu", "gpu" or "tpu"; None: jax's default backend.
     diag_mode: "per_dim", "shared_scalar" or None (no diagonal noise).
     """
     _check_diag_mode(diag_mode)
@@ -150,8 +175,12 @@ def prelogit_form(
         return "dense"
     if num_samples is None:
         return "w_once"
-    costs = prelogit_form_costs(num_samples, dim, num_factors, diag_mode)
-    return "dense" if costs["dense"] <= costs["w_once"] else "w_once"
+    if platform is None:
+        platform = jax.default_backend()
+    per_byte = MACS_PER_BYTE.get(platform, MACS_PER_BYTE["gpu"])
+    costs = prelogit_form_costs(num_samples, dim, num_factors, diag_mode, num_chunks)
+    total = {form: cost["macs"] + per_byte * cost["bytes"] for form, cost in costs.items()}
+    return "dense" if total["dense"] <= total["w_once"] else "w_once"
 
 
 def prelogit_noise_logits(

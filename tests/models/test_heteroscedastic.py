@@ -639,6 +639,55 @@ def test_peak_memory_of_the_log_likelihood_is_flat_in_samples():
     assert large < 256 * 32 * 512 * 4
 
 
+def compiled_temp_bytes(model, batch, dim, labels_dtype=jnp.int32) -> int:
+    phi = jax.ShapeDtypeStruct((batch, dim), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch,), labels_dtype)
+    params = jax.eval_shape(
+        lambda: model.init({"params": KEY, "noise": KEY}, jnp.zeros((batch, dim)))
+    )
+
+    def loss_and_grads(p, x, y):
+        def loss(p_, x_):
+            return -model.apply(p_, x_, y, train=True, rngs={"noise": KEY}).mean()
+
+        return jax.value_and_grad(loss, argnums=(0, 1))(p, x)
+
+    compiled = compile_function(loss_and_grads, params, phi, labels)
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+@pytest.mark.parametrize("room_for", [4, 32])
+def test_automatic_chunk_keeps_the_step_within_chunk_bytes(room_for):
+    # The byte model: LIVE_LOGIT_COPIES f32 copies of a chunk's [chunk, B, K] logits.
+    batch, dim, classes, samples = 64, 32, 2000, 32
+    per_sample = het.sampling.LIVE_LOGIT_COPIES * 4 * batch * classes
+    model = het.HeteroscedasticHead(
+        num_classes=classes,
+        kind="hetxl",
+        noise=het.NoiseConfig(num_factors=4),
+        sampling=het.Sampling(samples, samples, chunk_bytes=room_for * per_sample),
+    )
+    assert model.chunk_for(batch, train=True) == room_for
+    temp = compiled_temp_bytes(model, batch, dim)
+    # XLA's temporaries: the chunk's logits within the budget, plus buffers of the parameters'
+    # size (W's gradient, f32[D, K]); and the model is not loose: the chunk's logits are there.
+    assert temp <= room_for * per_sample + 4 * dim * classes * 4, temp
+    assert temp >= 0.9 * room_for * per_sample, temp
+
+
+def test_samples_per_chunk_fills_chunk_bytes_or_takes_the_set_size():
+    per_sample = het.sampling.LIVE_LOGIT_COPIES * 4 * 1000
+    auto = het.Sampling(100, 100, chunk_bytes=7 * per_sample + 1)
+    assert auto.samples_per_chunk(100, 1000) == 7
+    assert auto.samples_per_chunk(5, 1000) == 5  # never more than S
+    assert auto.samples_per_chunk(100, 10**9) == 1  # at least one sample
+    fixed = het.Sampling(100, 100, chunk_size=8, chunk_bytes=7 * per_sample)
+    assert fixed.samples_per_chunk(100, 1000) == 8
+    assert fixed.samples_per_chunk(3, 1000) == 3
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        het.Sampling(chunk_bytes=0)
+
+
 def test_gaussian_quadrature_helper_is_exact_for_a_known_integral():
     # Sanity of the test's own reference: E[sigmoid(Z)] for Z ~ N(0, s^2) is exactly 1/2.
     assert two_class_probability(0.0, 9.0) == pytest.approx(0.5, abs=1e-12)

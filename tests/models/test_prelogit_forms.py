@@ -280,49 +280,70 @@ def test_one_chunk_and_chunked_reductions_agree_with_gradients():
         (11, 256, 8, "shared_scalar", 2816, 256 + 2048 + 88 + 256 + 11),
     ],
 )
-def test_form_costs_follow_the_flop_count(
-    num_samples, dim, factors, diag_mode, dense_cost, w_once_cost
+@pytest.mark.parametrize("num_chunks", [1, 3])
+def test_form_costs_follow_the_flop_and_byte_count(
+    num_samples, dim, factors, diag_mode, dense_cost, w_once_cost, num_chunks
 ):
-    costs = het.prelogit_form_costs(num_samples, dim, factors, diag_mode)
-    assert costs == {"dense": dense_cost, "w_once": w_once_cost}
+    costs = het.prelogit_form_costs(num_samples, dim, factors, diag_mode, num_chunks)
+    # W^T V, f32[B, K, R]: written once, then per chunk read forward, read backward and its
+    # gradient accumulated; dense forms no K-sized tensor beyond the logits both forms share.
+    w_once_bytes = 4 * factors * (1 + 3 * num_chunks)
+    assert costs == {
+        "dense": {"macs": dense_cost, "bytes": 0},
+        "w_once": {"macs": w_once_cost, "bytes": w_once_bytes},
+    }
 
 
 @pytest.mark.parametrize(
-    "num_samples,dim,factors,diag_mode,expected",
+    "num_samples,dim,factors,diag_mode,platform,expected",
     [
         # Per-dimension diagonal noise: dense whatever S (W once adds W^T V on top of D*K/sample).
-        (1, 256, 8, "per_dim", "dense"),
-        (1000, 1024, 50, "per_dim", "dense"),
-        (None, 1024, 50, "per_dim", "dense"),
-        # No diag: dense iff S*D <= D + R*D + S*R; D=256, R=8: 9*256 = 2304 <= 2376, but
-        # 10*256 = 2560 > 2384.
-        (9, 256, 8, None, "dense"),
-        (10, 256, 8, None, "w_once"),
-        # Shared scalar: 10*256 = 2560 <= 2650, 11*256 = 2816 > 2659.
-        (10, 256, 8, "shared_scalar", "dense"),
-        (11, 256, 8, "shared_scalar", "w_once"),
-        # The reference setting, S = 1000, R = 50, D = 1024: 1,024,000 > 102,224.
-        (1000, 1024, 50, None, "w_once"),
-        (1000, 1024, 50, "shared_scalar", "w_once"),
+        (1, 256, 8, "per_dim", "cpu", "dense"),
+        (1000, 1024, 50, "per_dim", "gpu", "dense"),
+        (None, 1024, 50, "per_dim", "cpu", "dense"),
+        # No diag, CPU (2 MAC per byte, W^T V's bytes 4*8*4 = 128): dense iff
+        # S*D <= D + R*D + S*R + 256; D=256, R=8: 10*256 = 2560 <= 2640, 11*256 = 2816 > 2648.
+        (10, 256, 8, None, "cpu", "dense"),
+        (11, 256, 8, None, "cpu", "w_once"),
+        # The same on a GPU (100 MAC per byte: + 12,800): 60*256 = 15,360 <= 15,584,
+        # 61*256 = 15,616 > 15,592.
+        (60, 256, 8, None, "gpu", "dense"),
+        (61, 256, 8, None, "gpu", "w_once"),
+        # Shared scalar, CPU: 11*256 = 2816 <= 2915, 12*256 = 3072 > 2925.
+        (11, 256, 8, "shared_scalar", "cpu", "dense"),
+        (12, 256, 8, "shared_scalar", "cpu", "w_once"),
+        # The reference setting, S = 1000, R = 50, D = 1024: 1,024,000 > 102,224 + bytes.
+        (1000, 1024, 50, None, "tpu", "w_once"),
+        (1000, 1024, 50, "shared_scalar", "cpu", "w_once"),
         # R >= D: W^T V is no smaller than V, W once never pays (8000 <= 8072).
-        (1000, 8, 8, None, "dense"),
+        (1000, 8, 8, None, "cpu", "dense"),
         # No samples (deterministic): only the mean, 0 <= D + R*D.
-        (0, 256, 8, "shared_scalar", "dense"),
+        (0, 256, 8, "shared_scalar", "cpu", "dense"),
         # Unknown S without per-dim diag: W once, whose per-sample cost is R*K.
-        (None, 256, 8, "shared_scalar", "w_once"),
-        (None, 256, 8, None, "w_once"),
+        (None, 256, 8, "shared_scalar", "cpu", "w_once"),
+        (None, 256, 8, None, "gpu", "w_once"),
     ],
 )
-def test_form_rule(num_samples, dim, factors, diag_mode, expected):
-    assert het.prelogit_form(num_samples, dim, factors, diag_mode) == expected
+def test_form_rule(num_samples, dim, factors, diag_mode, platform, expected):
+    chosen = het.prelogit_form(num_samples, dim, factors, diag_mode, platform=platform)
+    assert chosen == expected
+
+
+def test_more_chunks_make_w_once_dearer():
+    # Each chunk reads W^T V again: at S = 11 (no diag, D = 256, R = 8, CPU) W once wins in one
+    # chunk (2816 > 2648) and loses in four (bytes 4*8*13 = 416: 2816 <= 2392 + 832).
+    assert het.prelogit_form(11, 256, 8, None, num_chunks=1, platform="cpu") == "w_once"
+    assert het.prelogit_form(11, 256, 8, None, num_chunks=4, platform="cpu") == "dense"
 
 
 def test_auto_form_and_bad_form():
     phi, weights, bias, noise = problem("shared_scalar")
-    # D = 6, R = 3, shared scalar: dense iff 6 S <= 6 + 18 + 3 S + 6 + S, i.e. S <= 15.
-    auto = het.prelogit_noise_logits(phi, weights, noise, bias, num_samples=15)
+    # D = 6, R = 3, shared scalar, CPU: dense iff 6 S <= 6 + 18 + 3 S + 6 + S + 2 * 4 * 3 * 4,
+    # i.e. S <= 63.
+    assert jax.default_backend() == "cpu"
+    auto = het.prelogit_noise_logits(phi, weights, noise, bias, num_samples=63)
     assert isinstance(auto, het.PrelogitDistribution)
-    auto = het.prelogit_noise_logits(phi, weights, noise, bias, num_samples=16)
+    auto = het.prelogit_noise_logits(phi, weights, noise, bias, num_samples=64)
     assert isinstance(auto, het.LogitDistribution)
     per_dim = noise.replace(shared_scalar_diag=False)
     auto = het.prelogit_noise_logits(phi, weights, per_dim, bias, num_samples=10_000)
@@ -356,8 +377,8 @@ def chosen_forms(monkeypatch, model, phi, **call):
         # D = 8, R = 2, per-dim diag: always dense.
         ("per_dim", dict(train=True), "PrelogitDistribution"),
         ("per_dim", dict(train=False), "PrelogitDistribution"),
-        # Shared scalar: dense iff 8 S <= 8 + 16 + 2 S + 8 + S, i.e. S <= 6.4: train S = 6 dense,
-        # eval S = 7 W once, deterministic (no samples) dense.
+        # Shared scalar, CPU, one chunk: dense iff 8 S <= 8 + 16 + 2 S + 8 + S + 2 * 4 * 2 * 4,
+        # i.e. S <= 19.2: train S = 19 dense, eval S = 20 W once, deterministic dense.
         ("shared_scalar", dict(train=True), "PrelogitDistribution"),
         ("shared_scalar", dict(train=False), "LogitDistribution"),
         ("shared_scalar", dict(deterministic=True), "PrelogitDistribution"),
@@ -368,7 +389,28 @@ def test_head_picks_the_form_of_the_cost_rule(monkeypatch, diag_mode, call, expe
         num_classes=40,
         kind="hetxl",
         noise=het.NoiseConfig(num_factors=2, diag_mode=diag_mode),
-        sampling=het.Sampling(train_samples=6, eval_samples=7, chunk_size=4),
+        sampling=het.Sampling(train_samples=19, eval_samples=20),
     )
     phi = jax.random.normal(KEY, (3, 8))
+    assert model.chunk_for(3, train=False) == 20  # 3 x 40 logits a sample: all in one chunk
     assert chosen_forms(monkeypatch, model, phi, **call) == [expected]
+
+
+def test_head_takes_a_forced_form():
+    # Shared scalar at S = 19 picks dense (above); forced, W once gives the same log-likelihoods.
+    phi = jax.random.normal(KEY, (3, 8))
+    labels = jnp.array([0, 5, 39])
+    values = {}
+    for form in ("auto", "dense", "w_once"):
+        model = het.HeteroscedasticHead(
+            num_classes=40,
+            kind="hetxl",
+            noise=het.NoiseConfig(num_factors=2, diag_mode="shared_scalar"),
+            sampling=het.Sampling(train_samples=19, eval_samples=20),
+            prelogit_form=form,
+        )
+        params = model.init({"params": KEY, "noise": KEY}, phi)
+        assert model.form_for(8, 3, train=True) == ("dense" if form == "auto" else form)
+        values[form] = model.apply(params, phi, labels, train=True, rngs={"noise": KEY})
+    np.testing.assert_allclose(values["w_once"], values["dense"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(values["auto"], values["dense"])

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from scripts import benchmark
+from models.heteroscedastic import logit_distributions
+from scripts import benchmark, benchmark_head
 from tests import REPO
 from tests.contrastive.test_trainer import contrastive_config, fashion_dir  # noqa: F401
 from tests.scripts.test_entry_points import tiny_demo_overrides
@@ -32,6 +33,16 @@ def test_loss_benchmark_prints_one_row_per_loss_and_sample_count(capsys):
     for row in rows:
         assert (row["batch"], row["dim"]) == (16, 8)
         assert row["step_ms"] > 0 and row["peak_bytes"] > 0
+        assert row["vs_clip"] == pytest.approx(row["step_ms"] / rows[0]["step_ms"], rel=1e-2)
+        if row["loss"] != "hetxl":
+            assert row["vs_floor"] is row["floor_ms"] is row["chunk"] is None
+            continue
+        assert row["chunk"] == min(2, row["samples"])
+        assert row["vs_floor"] == pytest.approx(row["step_ms"] / row["floor_ms"], rel=1e-2)
+        # The floor scores S copies of each device's [B / devices, B] block: forward and the two
+        # backward matmuls, the forward recomputed under jax.checkpoint, at least.
+        local = 16 // row["devices"]
+        assert row["floor_gflop"] * 1e9 >= 4 * 2 * row["samples"] * local * 16 * 8
 
 
 def test_loss_benchmark_rejects_a_batch_the_devices_do_not_divide():
@@ -215,8 +226,16 @@ def test_head_benchmark_rows_count_extra_parameters_from_the_heads_definitions(c
             "samples",
             "dim",
             "batch",
+            "devices",
             "step_ms",
             "vs_det",
+            "vs_floor",
+            "vs_het",
+            "form",
+            "chunk",
+            "step_gflop",
+            "floor_ms",
+            "floor_gflop",
             "timed_calls",
             "peak_bytes",
             "temp_bytes",
@@ -224,12 +243,46 @@ def test_head_benchmark_rows_count_extra_parameters_from_the_heads_definitions(c
             "reason",
         }
         assert (row["dim"], row["batch"], row["reason"], row["timed_calls"]) == (dim, 16, None, 1)
+        # Forward and two backward matmuls of the [B, D] x [D, K] logits at least, per device.
+        local = 16 // row["devices"]
+        assert row["step_gflop"] * 1e9 >= 6 * row["samples"] * local * dim * row["classes"]
         assert row["step_ms"] > 0 and row["peak_bytes"] >= row["temp_bytes"] > 0
         assert row["extra_params"] == expected_extra[row["head"]](row["classes"])
         det = next(r for r in rows if r["head"] == "det" and r["classes"] == row["classes"])
         assert row["vs_det"] == pytest.approx(row["step_ms"] / det["step_ms"], rel=1e-2)
     hetxl_extras = {row["extra_params"] for row in rows if row["head"] == "hetxl"}
     assert len(hetxl_extras) == 1
+    for row in rows:
+        if row["head"] != "hetxl":
+            assert row["vs_floor"] is row["vs_het"] is row["floor_ms"] is row["form"] is None
+            continue
+        # The work floor: DET's logits on S x B rows, plus the noise layers (HETXL's own).
+        assert row["floor_gflop"] * 1e9 >= 6 * 2 * local * dim * row["classes"]
+        assert row["vs_floor"] == pytest.approx(row["step_ms"] / row["floor_ms"], rel=1e-2)
+        het = next(r for r in rows if r["head"] == "het" and r["classes"] == row["classes"])
+        assert row["vs_het"] == pytest.approx(row["step_ms"] / het["step_ms"], rel=1e-2)
+        assert (row["form"], row["chunk"]) == ("dense", 2)  # per-dim diag; 2 samples fit
+
+
+def test_head_benchmark_times_each_forced_form_beside_the_cost_models_choice(capsys):
+    benchmark.main(
+        ["head", "--classes", "40", "--samples", "3", "--heads", "det,hetxl", "--dim", "8"]
+        + ["--batch", "8", "--repeats", "1", "--forms", "auto,w_once", "--json"]
+        + ["--config.model.noise.diag_mode=shared_scalar"]
+    )
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["head"], row["form"]) for row in rows] == [
+        ("det", None),
+        ("hetxl", "dense"),  # shared scalar, S = 3, D = 8: dense by the cost rule
+        ("hetxl", "w_once"),
+    ]
+    assert all(row["vs_floor"] > 0 for row in rows[1:])
+
+
+def test_head_benchmark_refuses_an_unknown_form():
+    with pytest.raises(SystemExit):
+        benchmark.main(["head", "--forms", "auto,sparse", "--classes", "16", "--dim", "8"])
+    assert benchmark_head.PRELOGIT_FORMS == logit_distributions.PRELOGIT_FORMS
 
 
 def test_head_benchmark_marks_a_combination_that_does_not_fit_and_writes_json_to_a_file(
