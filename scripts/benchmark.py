@@ -1,11 +1,12 @@
 """Benchmarks, printed as JSON: wall-clock medians and XLA's compiled peak memory.
 
     python -m scripts.benchmark loss --batch 1024 --dim 512 --samples 16 64 [--json]
-    python -m scripts.benchmark step --config configs/bench_ti.py[:arg] [--loss clip|hetxl] [--json]
+    python -m scripts.benchmark step --config configs/bench_ti.py[:arg] [--loss clip,hetxl] [--json]
         [--reference-big-vision DIR] [--config.a.b=value ...]
     python -m scripts.benchmark loop --config configs/bench_ti.py [--loss ...] [--steps 20] --json
     python -m scripts.benchmark head [--classes 1000,3000,10000,30000] [--samples 1,16,100,1000]
-        [--heads det,het,hetxl] [--dim 256] [--batch 128] [--json [OUT]]
+        [--heads det,het,hetxl] [--forms auto] [--dim 256] [--batch 128] [--json [OUT]]
+    python -m scripts.benchmark plot --head HEAD.json [--loss LOSS.json ...] --out scaling.png
 
 Every command prints a table, or with --json one JSON list instead; --json OUT writes the list to
 the file OUT and still prints the table.
@@ -24,7 +25,8 @@ value after every step, which stops the host from queueing the next step while o
 Variants alternate over --rounds timed rounds after an untimed one; the best round of each is
 reported, with trainer_overhead = trainer / bare - 1.
 
-`step`: one object per config: step_ms (median), images_per_sec, peak_bytes, and
+`step`: one object per config (per --loss, timed side by side): step_ms (median), vs_first
+(step_ms / that of the first --loss), images_per_sec, peak_bytes, and
 host_memory_kept (whether scripts/host_memory.py's malloc tuning is on; HETXL_KEEP_HOST_MEMORY=0
 turns it off to measure without it). How close the step comes to the machine's matmul speed:
 matmul_peak_gflops is a plain --matmul-size square matmul (XLA's default precision, as in the
@@ -54,8 +56,15 @@ scripts/benchmark_head.py for its rows and how they are measured).
 `loss`: value and gradient of each contrastive loss (clip, siglip, and hetxl for every S) with
 respect to its inputs (embeddings, noise parameters, tau), on all local devices with the batch
 split over them. One object per measurement: loss, samples (null for the deterministic losses),
-batch, dim, step_ms (median over --repeats calls after a warm-up), peak_bytes (per device, from
-the compiled executable's memory analysis).
+batch, dim, devices, chunk (HET-XL's samples per chunk), step_ms (median over --repeats rounds
+in which every loss, and each HET-XL S's work floor, is called once, after an untimed round),
+vs_clip (step_ms / CLIP's), gflop (matmul FLOPs per device, counted from the jaxpr as for
+`step`), peak_bytes (per device, from the compiled executable's memory analysis) and, for
+HET-XL, floor_ms, floor_gflop and vs_floor = step_ms / floor_ms: its work floor is CLIP's loss
+on the S noisy copies of the images, an S-times larger logit block (scripts/benchmark_floor.py).
+
+`plot`: the step time and peak memory of head rows against K, and of loss rows (one file per
+global batch) against the batch, as a PNG (scripts/benchmark_plot.py).
 """
 
 from __future__ import annotations
@@ -194,16 +203,16 @@ def config_spec(config: str, loss: str | None) -> str:
     return f"{path}:{arg},loss={loss}" if arg else f"{path}:loss={loss}"
 
 
-def load_benchmark_config(args, overrides) -> tuple[str, dict]:
-    """(spec, validated config values) of --config with --loss and the overrides applied."""
+def load_benchmark_config(args, overrides, loss: str | None) -> tuple[str, dict]:
+    """(spec, validated config values) of --config with loss=LOSS and the overrides applied."""
     from contrastive.validation import validate_config
 
-    spec = config_spec(args.config, args.loss)
+    spec = config_spec(args.config, loss)
     values = validate_config(load_config(spec, overrides))
     built = (values.get("loss") or {}).get("name")
-    if args.loss is not None and built != args.loss:
+    if loss is not None and built != loss:
         raise SystemExit(
-            f"error: --loss {args.loss}: {spec} builds a {built} loss; its get_config does not "
+            f"error: --loss {loss}: {spec} builds a {built} loss; its get_config does not "
             "read a loss=... argument, so choose the loss in the config instead"
         )
     return spec, values
@@ -288,35 +297,42 @@ def significant(value: float, digits: int = 4) -> float:
 
 
 def benchmark_step(args, overrides=()) -> list[dict]:
-    """The full train step (both towers, loss, AdamW update) of a config on random batches, the
-    matmul speed it is measured against and, with --reference-big-vision, big_vision's step of the
-    same model (scripts/benchmark_reference.py)."""
+    """The full train step (both towers, loss, AdamW update) of a config on random batches, for
+    each --loss side by side, the matmul speed it is measured against and, with
+    --reference-big-vision, big_vision's step of the same model (scripts/benchmark_reference.py)."""
     import jax
 
     from contrastive.xla_stats import peak_bytes
     from scripts import benchmark_reference
 
-    spec, values = load_benchmark_config(args, overrides)
+    configs = [load_benchmark_config(args, overrides, loss) for loss in args.loss or [None]]
     # Built before compiling ours, so a config big_vision cannot build is refused at once.
     reference_model = (
-        benchmark_reference.reference_model(values, args.reference_big_vision)
+        benchmark_reference.reference_model(configs[0][1], args.reference_big_vision)
         if args.reference_big_vision
         else None
     )
-    mesh, compiled, step_flops, state, batch, num_steps = compiled_step(values)
-    probe_dtype = matmul_dtype(values)
+    steps = {}
+    for spec, values in configs:
+        mesh, compiled, step_flops, state, batch, num_steps = compiled_step(values)
+        steps[spec] = dict(
+            values=values, compiled=compiled, flops=step_flops, state=state, batch=batch
+        )
+    probe_dtype = matmul_dtype(configs[0][1])
     matmul, operands, matmul_flops = matmul_probe(
         args.matmul_size, mesh.devices.flat[0], probe_dtype
     )
 
-    def step_call():
-        nonlocal state
-        state, metrics = compiled(state, batch)
+    def step_call(spec):
+        step = steps[spec]
+        step["state"], metrics = step["compiled"](step["state"], step["batch"])
         # The caller waits for the new state too: metrics can be ready before the update is.
-        return state, metrics
+        return step["state"], metrics
 
-    calls = {"step": step_call, "matmul": lambda: matmul(*operands)}
+    calls = {spec: (lambda spec=spec: step_call(spec)) for spec in steps}
+    calls["matmul"] = lambda: matmul(*operands)
     if reference_model is not None:
+        values, batch = configs[0][1], steps[configs[0][0]]["batch"]
         reference, reference_state, reference_flops = benchmark_reference.compiled_reference_step(
             reference_model, values, mesh, batch, num_steps
         )
@@ -340,35 +356,41 @@ def benchmark_step(args, overrides=()) -> list[dict]:
     start = time.perf_counter()
     jax.block_until_ready([matmul(*operands) for _ in range(args.repeats)])
     burst_ms = (time.perf_counter() - start) * 1e3 / args.repeats
-    step_ms = statistics.median(times["step"])
     matmul_ms = min(statistics.median(times["matmul"]), burst_ms)
     matmul_peak_gflops = matmul_flops / matmul_ms / 1e6
-    step_gflops = step_flops / step_ms / 1e6
-    batch_size = values["input"]["batch_size"]
-    row = dict(
-        config=spec,
-        loss=values["loss"]["name"],
-        batch=batch_size,
-        devices=mesh.size,
-        step_ms=round(step_ms, 2),
-        images_per_sec=round(batch_size / step_ms * 1e3, 1),
-        peak_bytes=peak_bytes(compiled),
-        host_memory_kept=host_memory_kept(),
-        step_gflop=significant(step_flops / 1e9),
-        step_gflops=significant(step_gflops),
-        matmul_dtype=probe_dtype,
-        matmul_peak_gflops=significant(matmul_peak_gflops),
-        peak_fraction=significant(step_gflops / matmul_peak_gflops),
-    )
+    rows = []
+    for spec, step in steps.items():
+        values = step["values"]
+        step_ms = statistics.median(times[spec])
+        step_gflops = step["flops"] / step_ms / 1e6
+        batch_size = values["input"]["batch_size"]
+        rows.append(
+            dict(
+                config=spec,
+                loss=values["loss"]["name"],
+                batch=batch_size,
+                devices=mesh.size,
+                step_ms=round(step_ms, 2),
+                vs_first=round(step_ms / statistics.median(times[configs[0][0]]), 4),
+                images_per_sec=round(batch_size / step_ms * 1e3, 1),
+                peak_bytes=peak_bytes(step["compiled"]),
+                host_memory_kept=host_memory_kept(),
+                step_gflop=significant(step["flops"] / 1e9),
+                step_gflops=significant(step_gflops),
+                matmul_dtype=probe_dtype,
+                matmul_peak_gflops=significant(matmul_peak_gflops),
+                peak_fraction=significant(step_gflops / matmul_peak_gflops),
+            )
+        )
     if "reference" in times:
         reference_ms = statistics.median(times["reference"])
-        row.update(
+        rows[0].update(
             reference_step_ms=round(reference_ms, 2),
             reference_peak_bytes=peak_bytes(reference),
             reference_step_gflop=significant(reference_flops / 1e9),
-            step_vs_reference=significant(step_ms / reference_ms),
+            step_vs_reference=significant(rows[0]["step_ms"] / reference_ms),
         )
-    return [row]
+    return rows
 
 
 def benchmark_loop(args, overrides=()) -> list[dict]:
@@ -378,7 +400,9 @@ def benchmark_loop(args, overrides=()) -> list[dict]:
 
     from contrastive.trainer import PreemptionWatch
 
-    spec, values = load_benchmark_config(args, overrides)
+    if args.loss and len(args.loss) > 1:
+        raise SystemExit(f"error: --loss: loop times one loss, got {','.join(args.loss)}")
+    spec, values = load_benchmark_config(args, overrides, args.loss[0] if args.loss else None)
     mesh, compiled, _, state, batch, _ = compiled_step(values)
     state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
@@ -453,6 +477,41 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def loss_list(text: str) -> list[str]:
+    """ "clip,hetxl" -> ["clip", "hetxl"] (argparse type)."""
+    known = ("clip", "siglip", "hetxl")
+    losses = [item for item in text.split(",") if item]
+    if not losses or any(loss not in known for loss in losses) or len(set(losses)) < len(losses):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct comma-separated losses of {list(known)}, got {text!r}"
+        )
+    return losses
+
+
+def read_rows(path: str, flag: str) -> list[dict]:
+    """The JSON list of rows a benchmark wrote with --json OUT."""
+    try:
+        with open(path) as file:
+            rows = json.load(file)
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"error: {flag} {path}: {error}") from error
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise SystemExit(f"error: {flag} {path}: expected the JSON list of a benchmark's rows")
+    return rows
+
+
+def write_plot(args) -> None:
+    from scripts.benchmark_plot import write_scaling_plot
+
+    head_rows = read_rows(args.head, "--head")
+    if not all("classes" in row for row in head_rows):
+        raise SystemExit(f"error: --head {args.head}: not rows of `benchmark head`")
+    loss_rows = [row for path in args.loss for row in read_rows(path, "--loss")]
+    if not all("loss" in row for row in loss_rows):
+        raise SystemExit("error: --loss: not rows of `benchmark loss`")
+    print(f"wrote {write_scaling_plot(head_rows, loss_rows, args.out)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -482,9 +541,10 @@ def main(argv: list[str] | None = None) -> None:
         add_config_flag(command)
         command.add_argument(
             "--loss",
-            choices=("clip", "siglip", "hetxl"),
+            type=loss_list,
             default=None,
-            help="appended to the config's argument as loss=... (it wins over one given there)",
+            help="appended to the config's argument as loss=... (it wins over one given there); "
+            "step takes several, comma-separated (clip,hetxl), timed side by side",
         )
     step.add_argument("--repeats", type=positive_int, default=10)
     step.add_argument(
@@ -553,10 +613,27 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="memory per device for the fit check (default: what the device has available)",
     )
+    plot = commands.add_parser(
+        "plot", help="scaling curves (PNG) from the JSON rows of head and loss runs"
+    )
+    plot.add_argument("--head", required=True, metavar="JSON", help="rows of `benchmark head`")
+    plot.add_argument(
+        "--loss",
+        nargs="*",
+        default=[],
+        metavar="JSON",
+        help="rows of `benchmark loss`, one file per global batch",
+    )
+    plot.add_argument("--out", required=True, help="PNG to write (local or a bucket URL)")
     for command in (loss, step, loop, head):
         add_json_flag(command)
         terminal.add_verbose_flag(command)
     args, overrides = parse_args_with_overrides(parser, argv)
+    if args.command == "plot":
+        if overrides:
+            parser.error(f"benchmark plot reads no config: {overrides[0]!r} applies to nothing")
+        write_plot(args)
+        return
     if args.command == "loss" and overrides:
         parser.error(f"benchmark loss reads no config: {overrides[0]!r} applies to nothing")
     terminal.quiet_libraries(args.verbose)

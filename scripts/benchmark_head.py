@@ -1,7 +1,7 @@
 """`benchmark head`: the train step of a DET, HET or HET-XL classification head alone.
 
     python -m scripts.benchmark head [--classes 1000,3000,10000,30000] [--samples 1,16,100,1000]
-        [--heads det,het,hetxl] [--dim 256] [--batch 128] [--json [OUT]]
+        [--heads det,het,hetxl] [--forms auto] [--dim 256] [--batch 128] [--json [OUT]]
         [--config.a.b=value ...]
 
 Each head is the one configs/classify.py:head=KIND,classes=K,samples=S builds (its noise block,
@@ -20,6 +20,15 @@ Row keys:
     timed_calls says how many calls the median is over (0: only the warm-up call, which already
     took longer than --budget-s, is reported);
   vs_det: step_ms / DET's step_ms at the same K (None without a DET row);
+  vs_floor, floor_ms, floor_gflop (HET-XL rows): step_ms over that of the work floor of the same
+    K and S, timed in the same rounds: DET's head on the S x B noisy rows plus HET-XL's noise
+    layers (scripts/benchmark_floor.py), and the floor's counted GFLOP;
+  vs_het (HET-XL rows): step_ms / HET's step_ms at the same K and S;
+  form (HET-XL rows): the algebra the step used, "dense" or "w_once": the cost model's choice
+    (--forms auto), or forced (--forms dense,w_once time each as its own row);
+  chunk: samples evaluated at once (sampling.samples_per_chunk of the global batch);
+  step_gflop: the step's matmul FLOPs per device, counted from its jaxpr (contrastive/flop_count);
+  devices: the devices the batch is split over;
   peak_bytes: device memory of one step from XLA's compiled memory analysis
     (contrastive.xla_stats.peak_bytes): arguments (parameters, AdamW moments, batch) + outputs +
     temporaries - buffers aliased through the donated state; per device;

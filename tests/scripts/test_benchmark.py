@@ -74,6 +74,43 @@ def test_loop_benchmark_times_the_bare_step_the_trainer_loop_and_a_per_step_sync
     )
 
 
+def test_step_and_loop_refuse_a_bad_loss_list_and_loop_refuses_several(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["step", "--config", "configs/bench_ti.py", "--loss", "clip,clip"])
+    assert "distinct comma-separated losses" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="loop times one loss"):
+        benchmark.main(["loop", "--config", "configs/bench_ti.py", "--loss", "clip,hetxl"])
+
+
+def test_plot_draws_the_scaling_curves_of_head_and_loss_rows(tmp_path, capsys):
+    head_json, loss_json = tmp_path / "head.json", tmp_path / "loss.json"
+    benchmark.main(
+        ["head", "--classes", "16,32", "--samples", "2", "--heads", "det,hetxl", "--dim", "8"]
+        + ["--batch", "8", "--repeats", "1", "--json", str(head_json)]
+    )
+    benchmark.main(
+        ["loss", "--batch", "16", "--dim", "8", "--samples", "2", "--factors", "2"]
+        + ["--repeats", "1", "--json", str(loss_json)]
+    )
+    capsys.readouterr()
+    out = tmp_path / "scaling.png"
+    benchmark.main(["plot", "--head", str(head_json), "--loss", str(loss_json), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from scripts.benchmark_plot import head_series, loss_series
+
+    head = head_series(json.loads(head_json.read_text()))
+    assert set(head) == {"det", "hetxl S=2", "floor S=2"}
+    assert [point[0] for point in head["hetxl S=2"]] == [16, 32]
+    assert set(loss_series(json.loads(loss_json.read_text()))) == {
+        "clip",
+        "siglip",
+        "hetxl S=2",
+        "floor S=2",
+    }
+    with pytest.raises(SystemExit, match="not rows of `benchmark head`"):
+        benchmark.main(["plot", "--head", str(loss_json), "--out", str(out)])
+
+
 def test_loss_benchmark_refuses_config_overrides(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["loss", "--batch", "16", "--dim", "8", "--config.total_steps=3"])
@@ -87,11 +124,15 @@ def test_step_benchmark_applies_loss_and_overrides_to_a_config_in_epochs(
     # configs/demo.py gives its length in epochs (of the 64 examples written) and takes
     # arguments: --loss must still reach it, after them.
     spec = f"configs/demo.py:data_dir={fashion_dir},batch=16"
-    argv = ["step", "--config", spec, "--loss", "clip", "--repeats", "1", "--json"]
+    argv = ["step", "--config", spec, "--loss", "clip,siglip", "--repeats", "1", "--json"]
     argv += ["--matmul-size", "64"]
     argv += tiny_demo_overrides(hetxl=False) + ["--config.input.batch_size=8"]
     benchmark.main(argv)
-    (row,) = json.loads(capsys.readouterr().out)
+    row, siglip = json.loads(capsys.readouterr().out)
+    # Both losses' steps, timed side by side, the ratio to the first one's.
+    assert (siglip["config"], siglip["loss"]) == (f"{spec},loss=siglip", "siglip")
+    assert row["vs_first"] == 1.0
+    assert siglip["vs_first"] == pytest.approx(siglip["step_ms"] / row["step_ms"], rel=0.01)
     assert row["config"] == f"{spec},loss=clip"
     assert (row["loss"], row["batch"], row["devices"]) == ("clip", 8, 8)
     assert row["step_ms"] > 0 and row["peak_bytes"] > 0
