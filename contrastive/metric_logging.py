@@ -127,36 +127,60 @@ class Progress:
     """One log line per call: step, loss, throughput and ETA (process 0 only).
 
     The first interval after a (re)start includes compilation and the first input batches, so
-    its rate is printed but not used for the ETA; later lines use the latest steady rate.
+    its rate is printed but not used for the ETA. The ETA uses the steady rate: examples over
+    seconds summed over every later interval. The trainer restarts the clock after the work of a
+    sync point (evaluations, the curves plot, checkpoint saves), so none of it counts as training
+    time in any interval.
     """
 
-    def __init__(self, total_steps: int, first_step: int, examples_per_step: int, devices: int):
+    def __init__(
+        self,
+        total_steps: int,
+        first_step: int,
+        examples_per_step: int,
+        devices: int,
+        clock=time.perf_counter,
+    ):
         self.total_steps, self.examples_per_step, self.devices = (
             total_steps,
             examples_per_step,
             devices,
         )
-        self.last_step, self.last_time = first_step, time.perf_counter()
+        self.clock = clock
+        self.last_step, self.last_time = first_step, clock()
         self.warmed_up = False
-        self.steady_rate: float | None = None
+        self.steady_examples, self.steady_seconds = 0, 0.0
+
+    @property
+    def steady_rate(self) -> float | None:
+        """Examples per second over all intervals after the first; None before one ended."""
+        if not self.steady_seconds:
+            return None
+        return self.steady_examples / self.steady_seconds
 
     def rate(self, step: int) -> float:
-        """Examples per second since the previous call (and resets the clock)."""
-        now = time.perf_counter()
-        rate = (step - self.last_step) * self.examples_per_step / max(now - self.last_time, 1e-9)
+        """Examples per second since the clock last (re)started, and restarts it."""
+        now = self.clock()
+        examples = (step - self.last_step) * self.examples_per_step
+        seconds = max(now - self.last_time, 1e-9)
         if step > self.last_step:
             if self.warmed_up:
-                self.steady_rate = rate
+                self.steady_examples += examples
+                self.steady_seconds += seconds
             self.warmed_up = True
         self.last_step, self.last_time = step, now
-        return rate
+        return examples / seconds
+
+    def restart_clock(self, step: int) -> None:
+        """The next interval starts now, at `step`: time spent since the last call is left out."""
+        self.last_step, self.last_time = step, self.clock()
 
     def line(self, step: int, loss: float, examples_per_sec: float) -> str:
-        if self.steady_rate is None:
+        steady = self.steady_rate
+        if steady is None:
             eta = "after warm-up"
         else:
-            remaining = (self.total_steps - step) * self.examples_per_step / self.steady_rate
-            eta = format_duration(remaining)
+            eta = format_duration((self.total_steps - step) * self.examples_per_step / steady)
         return (
             f"step {step}/{self.total_steps} | loss {loss:.4f} | "
             f"{examples_per_sec:.1f} img/s ({examples_per_sec / self.devices:.1f}/device) | "

@@ -264,7 +264,6 @@ def train(config, workdir: str) -> TrainResult:
                     metrics.update(results)
                     if is_last:
                         final_evaluations[name] = report
-                progress.rate(step)  # evaluation time does not count against throughput
                 last_metrics = logger.write(step, metrics)
                 if due_evals and jax.process_index() == 0:
                     plot_curves(logger.rows, storage.join(workdir, "curves.png"))
@@ -284,6 +283,9 @@ def train(config, workdir: str) -> TrainResult:
                 break
             if due_checkpoint:
                 save(step)
+            if due_evals or due_checkpoint:
+                # Evaluations, the plot and checkpoint saves are not training time.
+                progress.restart_clock(step)
     checkpointer.wait_until_finished()
     checkpointer.close()
     logger.close()
