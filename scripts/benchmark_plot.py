@@ -60,12 +60,13 @@ def scaling_figure(head_rows: Sequence[dict], loss_rows: Sequence[dict]):
         panels.append(("global batch (classes of the contrastive loss)", loss_series(loss_rows)))
     figure, axes = plt.subplots(len(panels), 2, figsize=(12, 4.5 * len(panels)), squeeze=False)
     for (x_label, series), (time_axis, memory_axis) in zip(panels, axes, strict=True):
-        for label, points in series.items():
+        for index, (label, points) in enumerate(series.items()):
             xs = [point[0] for point in points]
-            style = "--" if label.startswith("floor") else "-"
-            time_axis.plot(xs, [point[1] for point in points], style, marker="o", label=label)
-            if not label.startswith("floor"):
-                memory_axis.plot(xs, [point[2] for point in points], marker="o", label=label)
+            style = dict(color=f"C{index % 10}", marker="o", label=label)  # same in both panels
+            floor = label.startswith("floor")
+            time_axis.plot(xs, [point[1] for point in points], "--" if floor else "-", **style)
+            if not floor:
+                memory_axis.plot(xs, [point[2] for point in points], **style)
         for axis, y_label in ((time_axis, "step ms"), (memory_axis, "peak MiB per device")):
             axis.set_xscale("log")
             axis.set_yscale("log")
