@@ -44,10 +44,10 @@ PREPROCESS = "tests/data/test_preprocess.py"
 MUTATIONS: tuple[Mutation, ...] = (
     # ---------------------------------------------------------------- contrastive/losses
     Mutation(
-        "clip_text_to_image_scores_images_against_texts",
-        "contrastive/losses/clip.py",
-        "            texts, gather_batch(images, axis_names), scale, chunk",
-        "            images, gather_batch(texts, axis_names), scale, chunk",
+        "clip_text_to_image_normalises_over_texts",
+        "contrastive/losses/sharding.py",
+        "    return positive - row_total, positive - column_total",
+        "    return positive - row_total, positive - row_total",
         (f"{LOSSES}::test_clip_matches_dense_reference",),
     ),
     Mutation(
