@@ -48,7 +48,7 @@ step_gflops = step_gflop / step time, and peak_fraction = step_gflops / matmul_p
 With --reference-big-vision DIR the same run also builds big_vision's two-tower step of the same
 model from a big_vision checkout at DIR and alternates its calls with ours: reference_step_ms,
 reference_peak_bytes, reference_step_gflop and step_vs_reference = step_ms / reference_step_ms
-(see scripts/benchmark_reference.py).
+(see tools/benchmark_reference.py).
 
 `head`: the train step of a classification head alone for each head, K and S (see
 scripts/benchmark_head.py for its rows and how they are measured).
@@ -299,11 +299,11 @@ def significant(value: float, digits: int = 4) -> float:
 def benchmark_step(args, overrides=()) -> list[dict]:
     """The full train step (both towers, loss, AdamW update) of a config on random batches, for
     each --loss side by side, the matmul speed it is measured against and, with
-    --reference-big-vision, big_vision's step of the same model (scripts/benchmark_reference.py)."""
+    --reference-big-vision, big_vision's step of the same model (tools/benchmark_reference.py)."""
     import jax
 
     from contrastive.xla_stats import peak_bytes
-    from scripts import benchmark_reference
+    from tools import benchmark_reference
 
     configs = [load_benchmark_config(args, overrides, loss) for loss in args.loss or [None]]
     # Built before compiling ours, so a config big_vision cannot build is refused at once.
@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="DIR",
         default=None,
         help="also time big_vision's two-tower step of the same model, imported from the "
-        "big_vision checkout DIR, alternating with ours (see scripts/benchmark_reference.py)",
+        "big_vision checkout DIR, alternating with ours (see tools/benchmark_reference.py)",
     )
     loop.add_argument("--steps", type=positive_int, default=20, help="steps per variant")
     loop.add_argument(

@@ -1,4 +1,5 @@
-"""Every entry point under scripts/: --help without loading the heavy libraries, the config
+"""Every entry point under scripts/ (and the developer tools under tools/): --help without loading
+the heavy libraries, the config
 override form in the help of those that take --config, no library start-up noise on a real
 command, and the demo's main end to end on tiny settings."""
 
@@ -30,11 +31,13 @@ SCRIPTS = (
     "local_cluster",
     "tpu_pod",
     "make_tfrecords",
-    "mutation_check",
-    "dirty_data",
-    "chaos",
     "reproduce",
     "score_pairs",
+)
+# Developer tooling (tools/README.md): run by CI and the tests, not by users.
+TOOLS = ("mutation_check", "dirty_data", "chaos")
+ENTRY_POINTS = tuple(f"scripts.{name}" for name in SCRIPTS) + tuple(
+    f"tools.{name}" for name in TOOLS
 )
 # Importing any of these costs seconds (TensorFlow, XLA) or pulls them in.
 HEAVY = ("jax", "tensorflow", "flax", "contrastive", "data", "models")
@@ -53,19 +56,20 @@ sys.exit(code)
 NOISE_MARKERS = ("oneDNN", "cuda", "absl", "WARNING: All log messages", "I0000", "E0000", "W0000")
 
 
-def test_the_list_holds_every_script_with_a_main():
+@pytest.mark.parametrize("folder, names", [("scripts", SCRIPTS), ("tools", TOOLS)])
+def test_the_list_holds_every_module_with_a_main(folder, names):
     with_main = {
         path.stem
-        for path in (REPO / "scripts").glob("*.py")
+        for path in (REPO / folder).glob("*.py")
         if re.search(r"^def main\(", path.read_text(), re.MULTILINE)
     }
-    assert with_main == set(SCRIPTS)
+    assert with_main == set(names)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_help_exits_0_without_loading_heavy_libraries(script):
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_help_exits_0_without_loading_heavy_libraries(module):
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, f"scripts.{script}", "--help"],
+        [sys.executable, "-c", PROBE, module, "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -81,9 +81,9 @@ BAD_COUNTS = [
     ("zeroshot_eval", ["--workdir", "w", "--batch_size", "0"], "--batch_size"),
     ("reproduce", ["contrastive", "--seeds", "0"], "--seeds"),
     ("reproduce", ["contrastive", "--width", "0"], "--width"),
-    ("chaos", ["--config", "configs/demo.py", "--trials", "0"], "--trials"),
+    ("tools.chaos", ["--config", "configs/demo.py", "--trials", "0"], "--trials"),
     ("inspect_data", ["--config", "configs/demo.py", "--batches", "0"], "--batches"),
-    ("mutation_check", ["--jobs", "0"], "--jobs"),
+    ("tools.mutation_check", ["--jobs", "0"], "--jobs"),
     ("train_tokenizer", ["--input", "x", "--output", "y", "--vocab_size", "0"], "--vocab_size"),
     ("local_cluster", ["--processes", "0", "--devices_per_process", "1", "--", "true"], "--proc"),
 ]
@@ -93,7 +93,7 @@ BAD_COUNTS = [
     "script, argv, flag", BAD_COUNTS, ids=[f"{s} {a[0]} {f}" for s, a, f in BAD_COUNTS]
 )
 def test_scripts_refuse_a_bad_count_while_parsing(capsys, script, argv, flag):
-    module = importlib.import_module(f"scripts.{script}")
+    module = importlib.import_module(script if "." in script else f"scripts.{script}")
     with pytest.raises(SystemExit) as exit:
         module.main(argv)
     assert exit.value.code == 2

@@ -1,6 +1,6 @@
 """Dirty data at scale: the training input skips exactly the injected bad records, at clean speed.
 
-    python -m scripts.dirty_data --records 100000 --bad_fraction 0.01 [--json OUT] [--workdir DIR]
+    python -m tools.dirty_data --records 100000 --bad_fraction 0.01 [--json OUT] [--workdir DIR]
 
 Writes two TFRecord sets of `--records` image-caption records each (32 px JPEG and PNG images,
 short captions): a clean one, and a dirty one in which a `--bad_fraction` of the records has each

@@ -1,4 +1,4 @@
-"""scripts.chaos: the comparison of a trial with the reference (a one-ulp parameter or a changed
+"""tools.chaos: the comparison of a trial with the reference (a one-ulp parameter or a changed
 loss is a difference, a wall-clock rate is not), where kills are placed, and the command end to
 end (a reference, two trials killed in a checkpoint write and in an evaluation)."""
 
@@ -11,9 +11,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from scripts import chaos
-from scripts.chaos_comparison import RunRecord, differences
-from scripts.chaos_trials import (
+from tests.data.helpers import make_fashion_dir
+from tools import chaos
+from tools.chaos_comparison import RunRecord, differences
+from tools.chaos_trials import (
     CHECKPOINT_WRITE,
     EVALUATION,
     LATEST_FRACTION,
@@ -21,7 +22,6 @@ from scripts.chaos_trials import (
     Timeline,
     choose_kill,
 )
-from tests.data.helpers import make_fashion_dir
 
 
 def a_run() -> RunRecord:

@@ -1,4 +1,4 @@
-"""scripts.dirty_data on a small set: the sets it writes hold the faults it claims (read back with
+"""tools.dirty_data on a small set: the sets it writes hold the faults it claims (read back with
 tf.train.Example and Pillow, independently of the pipeline), and the training input counts
 exactly those."""
 
@@ -13,8 +13,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from scripts import dirty_data
 from tests.shared import once_per_session
+from tools import dirty_data
 
 RECORDS, BAD_FRACTION = 2000, 0.02
 MAX_TEXT_BYTES = 4096  # configs/pretrain.py keeps the input default

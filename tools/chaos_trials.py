@@ -1,4 +1,4 @@
-"""The trials of scripts.chaos: run training, kill it at a chosen moment, run it again.
+"""The trials of tools.chaos: run training, kill it at a chosen moment, run it again.
 
 `run_training` runs one `scripts.train` process and records, from its output lines and its
 checkpoint directory as they appear, when each step was logged, evaluated and checkpointed; it

@@ -1,6 +1,6 @@
 """Kill training at random moments and check that resuming reproduces an uninterrupted run exactly.
 
-    python -m scripts.chaos --config configs/demo.py[:arg] --trials N [--seed S]
+    python -m tools.chaos --config configs/demo.py[:arg] --trials N [--seed S]
         [--kills_per_trial K] [--workdir_root DIR] [--json OUT] [--config.a.b=value ...]
 
 First one uninterrupted reference run of `python -m scripts.train` with the config and overrides
@@ -40,7 +40,7 @@ The demo with tiny towers, 8 steps, checkpoints every 3 steps and an evaluation 
 `--trials 3` in about 7 minutes on two CPU cores shared with other work, most of it start-up
 (about 30 s a run):
 
-    python -m scripts.chaos --trials 3 --config configs/demo.py:batch=16 \\
+    python -m tools.chaos --trials 3 --config configs/demo.py:batch=16 \\
         --config.total_steps=8 --config.log_every=1 --config.checkpoint.every_steps=3 \\
         --config.evals.zeroshot.every_steps=4 --config.input.shuffle_buffer=256 \\
         --config.evals.zeroshot.input.batch_size=256 \\
@@ -66,9 +66,9 @@ import time
 from pathlib import Path
 
 from scripts import terminal
-from scripts.chaos_comparison import RunRecord, differences, read_run
-from scripts.chaos_trials import PHASES, Launcher, Timeline, Trial, run_trial
 from scripts.config_loader import add_config_flag, load_config, parse_args_with_overrides
+from tools.chaos_comparison import RunRecord, differences, read_run
+from tools.chaos_trials import PHASES, Launcher, Timeline, Trial, run_trial
 
 HUNG_AFTER_SECONDS = 600  # the least time a run gets before it counts as hung
 

@@ -12,9 +12,10 @@ import textwrap
 
 import pytest
 
-from scripts import benchmark, benchmark_reference
+from scripts import benchmark
 from tests.contrastive.test_trainer import fashion_dir  # noqa: F401
 from tests.scripts.test_entry_points import tiny_demo_overrides
+from tools import benchmark_reference
 
 STAND_IN = {
     "big_vision/__init__.py": "",

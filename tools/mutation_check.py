@@ -1,9 +1,9 @@
 """Plant known bugs one at a time and check that the tests catch every one (mutation testing).
 
-    python -m scripts.mutation_check [--only NAME ...] [--list] [--jobs N] [--timeout S]
+    python -m tools.mutation_check [--only NAME ...] [--list] [--jobs N] [--timeout S]
                                      [--no-baseline]
 
-Each mutation (listed in scripts/planted_bugs.py) is a plausible one-line mistake in the
+Each mutation (listed in tools/planted_bugs.py) is a plausible one-line mistake in the
 numerical core (a wrong axis, a missing scale, an off-by-one, a sign, a sum for a mean, a dropped
 temperature, a wrong reduction over devices), written as an exact snippet of the current source
 and its replacement, with the few tests that must catch it. The working tree is copied to a
@@ -35,8 +35,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from scripts.planted_bugs import MUTATIONS, Mutation
 from scripts.terminal import positive_int
+from tools.planted_bugs import MUTATIONS, Mutation
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
-"""scripts.mutation_check: the list of planted bugs is well formed and applies to this tree.
+"""tools.mutation_check: the list of planted bugs is well formed and applies to this tree.
 
 Only the plumbing is tested here (no pytest runs inside pytest): running the list itself is
-`python -m scripts.mutation_check`.
+`python -m tools.mutation_check`.
 """
 
 import filecmp
@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from scripts import mutation_check
-from scripts.planted_bugs import MUTATIONS, Mutation
 from tests import REPO
+from tools import mutation_check
+from tools.planted_bugs import MUTATIONS, Mutation
 
 
 def test_the_list_is_large_unique_and_complete():

@@ -1,8 +1,8 @@
-"""The bugs scripts.mutation_check plants: one exact snippet of the current source each, what it
+"""The bugs tools.mutation_check plants: one exact snippet of the current source each, what it
 becomes, and the few tests that must catch it.
 
 A snippet must occur exactly once in its file; when you change code an entry points at, update
-the entry (`python -m scripts.mutation_check --list` names the stale ones).
+the entry (`python -m tools.mutation_check --list` names the stale ones).
 """
 
 from __future__ import annotations
