@@ -192,3 +192,30 @@ def convert(
             writer.discard()
         report.records_per_shard = list(writer.records_per_shard)
     return report
+
+
+@dataclass
+class WriteStats:
+    """What write_shards did: files written, records per file, and the image paths skipped."""
+
+    paths: list[str] = field(default_factory=list)
+    records_per_shard: list[int] = field(default_factory=list)
+    unreadable_images: list[str] = field(default_factory=list)
+
+
+def write_shards(
+    pairs: Iterable[tuple[str, str]], output_prefix: str, num_shards: int
+) -> WriteStats:
+    """Writes (image path, caption) pairs round-robin into num_shards TFRecord files.
+
+    The image files' bytes are stored unchanged. Pairs whose image is missing or does not decode
+    (or whose caption is empty) are skipped and listed rather than aborting a long conversion.
+    """
+    skipped: list[str] = []
+    report = convert(
+        (Row(image, image, caption) for image, caption in pairs),
+        str(output_prefix),
+        num_shards,
+        on_skip=lambda skip: skipped.append(skip.location),
+    )
+    return WriteStats(report.paths, report.records_per_shard, skipped)

@@ -3,8 +3,9 @@
 Writing: `ShardWriter` stores serialized examples round-robin into N shards named
 PREFIX-00000-of-0000N.tfrecord and publishes them only when complete. scripts.make_tfrecords
 (data/pair_readers.py, data/convert.py) fills it from manifests, image folders or WebDataset
-tars; `read_manifest` and `write_shards` are the small library form of the same path for a CSV /
-TSV / JSONL manifest of (image path, caption), storing the image files' bytes unchanged.
+tars; `read_manifest` (here) and `write_shards` (data/convert.py) are the small library form of
+the same path for a CSV / TSV / JSONL manifest of (image path, caption), storing the image files'
+bytes unchanged.
 
 Reading: TFRecordSource's shards are its files, read `cycle_length` at a time (data/order.py).
 Each process reads whole files when there are at least as many files as processes (each host
@@ -21,8 +22,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -139,36 +139,6 @@ class ShardWriter:
             self.publish()
         else:
             self.discard()
-
-
-@dataclass
-class WriteStats:
-    """What write_shards did: files written, records per file, and the image paths skipped."""
-
-    paths: list[str] = field(default_factory=list)
-    records_per_shard: list[int] = field(default_factory=list)
-    unreadable_images: list[str] = field(default_factory=list)
-
-
-def write_shards(
-    pairs: Iterable[tuple[str, str]], output_prefix: str, num_shards: int
-) -> WriteStats:
-    """Writes (image path, caption) pairs round-robin into num_shards TFRecord files.
-
-    The image files' bytes are stored unchanged. Pairs whose image is missing or does not decode
-    (or whose caption is empty) are skipped and listed rather than aborting a long conversion.
-    """
-    # Imported here: data.convert builds on this module's ShardWriter and encode_example.
-    from data.convert import convert
-
-    skipped: list[str] = []
-    report = convert(
-        (Row(image, image, caption) for image, caption in pairs),
-        str(output_prefix),
-        num_shards,
-        on_skip=lambda skip: skipped.append(skip.location),
-    )
-    return WriteStats(report.paths, report.records_per_shard, skipped)
 
 
 def expand_files(files: str | Sequence[str]) -> list[str]:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from contrastive.metric_logging import read_metrics
 from contrastive.trainer import load_trained, train
-from data.tfrecords import write_shards
+from data.convert import write_shards
 from models import pretrained, vit
 from tests.contrastive.test_trainer import contrastive_config, tiny_tower
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from data.convert import write_shards
 from data.fashion_mnist import load_split
 from data.package_files import minilm_vocab_path
 from data.pipeline import make_local_iterator
-from data.tfrecords import read_manifest, write_shards
+from data.tfrecords import read_manifest
 from data.tokenizers import make_tokenizer, train_sentencepiece
 from tests.data.helpers import (
     encode_image,

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from data.convert import write_shards
 from data.pipeline import make_local_iterator
 from data.tfrecords import (
     ShardWriter,
     TFRecordSource,
     encode_example,
     read_manifest,
-    write_shards,
 )
 from tests.data.helpers import encode_image, labelled_image, tfrecord_config
 
