@@ -102,10 +102,13 @@ class PrelogitDistribution(_NoiseDraws):
 Distribution = LogitDistribution | PrelogitDistribution
 
 
-# Multiply-adds one byte of memory traffic is worth, by platform: a matmul-bound form and a
-# memory-bound one are compared in one unit. CPU ~ 25 GMAC/s over ~12 GB/s; accelerators run
-# their matmul units far faster than their memory (H100 ~ 500 TMAC/s bf16 over 3.4 TB/s).
-MACS_PER_BYTE = {"cpu": 2.0, "gpu": 100.0, "tpu": 100.0}
+# Multiply-adds one byte of W^T V's traffic is worth, by platform: a matmul-bound form and a
+# memory-bound one are compared in one unit. CPU: fitted to `benchmark head --forms
+# auto,dense,w_once` with shared-scalar noise at K = 10k (results/scaling/forms_shared_scalar.json:
+# W once loses at S = 16, 863 against 599 ms, and wins at S = 64, 4,217 against 4,616 ms, which
+# brackets the value between 11 and 59). GPU and TPU: from the ratio of matmul speed to memory
+# bandwidth (H100 ~ 500 TMAC/s bf16 over 3.4 TB/s), not yet measured.
+MACS_PER_BYTE = {"cpu": 32.0, "gpu": 100.0, "tpu": 100.0}
 
 
 def prelogit_form_costs(

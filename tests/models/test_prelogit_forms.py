@@ -301,17 +301,17 @@ def test_form_costs_follow_the_flop_and_byte_count(
         (1, 256, 8, "per_dim", "cpu", "dense"),
         (1000, 1024, 50, "per_dim", "gpu", "dense"),
         (None, 1024, 50, "per_dim", "cpu", "dense"),
-        # No diag, CPU (2 MAC per byte, W^T V's bytes 4*8*4 = 128): dense iff
-        # S*D <= D + R*D + S*R + 256; D=256, R=8: 10*256 = 2560 <= 2640, 11*256 = 2816 > 2648.
-        (10, 256, 8, None, "cpu", "dense"),
-        (11, 256, 8, None, "cpu", "w_once"),
+        # No diag, CPU (32 MAC per byte, W^T V's bytes 4*8*4 = 128): dense iff
+        # S*D <= D + R*D + S*R + 4096; D=256, R=8: 25*256 = 6400 <= 6600, 26*256 = 6656 > 6608.
+        (25, 256, 8, None, "cpu", "dense"),
+        (26, 256, 8, None, "cpu", "w_once"),
         # The same on a GPU (100 MAC per byte: + 12,800): 60*256 = 15,360 <= 15,584,
         # 61*256 = 15,616 > 15,592.
         (60, 256, 8, None, "gpu", "dense"),
         (61, 256, 8, None, "gpu", "w_once"),
-        # Shared scalar, CPU: 11*256 = 2816 <= 2915, 12*256 = 3072 > 2925.
-        (11, 256, 8, "shared_scalar", "cpu", "dense"),
-        (12, 256, 8, "shared_scalar", "cpu", "w_once"),
+        # Shared scalar, CPU: 26*256 = 6656 <= 6890, 27*256 = 6912 > 6899.
+        (26, 256, 8, "shared_scalar", "cpu", "dense"),
+        (27, 256, 8, "shared_scalar", "cpu", "w_once"),
         # The reference setting, S = 1000, R = 50, D = 1024: 1,024,000 > 102,224 + bytes.
         (1000, 1024, 50, None, "tpu", "w_once"),
         (1000, 1024, 50, "shared_scalar", "cpu", "w_once"),
@@ -330,20 +330,20 @@ def test_form_rule(num_samples, dim, factors, diag_mode, platform, expected):
 
 
 def test_more_chunks_make_w_once_dearer():
-    # Each chunk reads W^T V again: at S = 11 (no diag, D = 256, R = 8, CPU) W once wins in one
-    # chunk (2816 > 2648) and loses in four (bytes 4*8*13 = 416: 2816 <= 2392 + 832).
-    assert het.prelogit_form(11, 256, 8, None, num_chunks=1, platform="cpu") == "w_once"
-    assert het.prelogit_form(11, 256, 8, None, num_chunks=4, platform="cpu") == "dense"
+    # Each chunk reads W^T V again: at S = 30 (no diag, D = 256, R = 8, CPU) W once wins in one
+    # chunk (7680 > 2544 + 32 * 128) and loses in four (bytes 4*8*13 = 416: 7680 <= 2544 + 13312).
+    assert het.prelogit_form(30, 256, 8, None, num_chunks=1, platform="cpu") == "w_once"
+    assert het.prelogit_form(30, 256, 8, None, num_chunks=4, platform="cpu") == "dense"
 
 
 def test_auto_form_and_bad_form():
     phi, weights, bias, noise = problem("shared_scalar")
-    # D = 6, R = 3, shared scalar, CPU: dense iff 6 S <= 6 + 18 + 3 S + 6 + S + 2 * 4 * 3 * 4,
-    # i.e. S <= 63.
+    # D = 6, R = 3, shared scalar, CPU: dense iff 6 S <= 6 + 18 + 3 S + 6 + S + 32 * 4 * 3 * 4,
+    # i.e. S <= 783.
     assert jax.default_backend() == "cpu"
-    auto = het.prelogit_noise_logits(phi, weights, noise, bias, num_samples=63)
+    auto = het.prelogit_noise_logits(phi, weights, noise, bias, num_samples=783)
     assert isinstance(auto, het.PrelogitDistribution)
-    auto = het.prelogit_noise_logits(phi, weights, noise, bias, num_samples=64)
+    auto = het.prelogit_noise_logits(phi, weights, noise, bias, num_samples=784)
     assert isinstance(auto, het.LogitDistribution)
     per_dim = noise.replace(shared_scalar_diag=False)
     auto = het.prelogit_noise_logits(phi, weights, per_dim, bias, num_samples=10_000)
@@ -377,8 +377,8 @@ def chosen_forms(monkeypatch, model, phi, **call):
         # D = 8, R = 2, per-dim diag: always dense.
         ("per_dim", dict(train=True), "PrelogitDistribution"),
         ("per_dim", dict(train=False), "PrelogitDistribution"),
-        # Shared scalar, CPU, one chunk: dense iff 8 S <= 8 + 16 + 2 S + 8 + S + 2 * 4 * 2 * 4,
-        # i.e. S <= 19.2: train S = 19 dense, eval S = 20 W once, deterministic dense.
+        # Shared scalar, CPU, one chunk: dense iff 8 S <= 8 + 16 + 2 S + 8 + S + 32 * 4 * 2 * 4,
+        # i.e. S <= 211.2: train S = 211 dense, eval S = 212 W once, deterministic dense.
         ("shared_scalar", dict(train=True), "PrelogitDistribution"),
         ("shared_scalar", dict(train=False), "LogitDistribution"),
         ("shared_scalar", dict(deterministic=True), "PrelogitDistribution"),
@@ -389,10 +389,10 @@ def test_head_picks_the_form_of_the_cost_rule(monkeypatch, diag_mode, call, expe
         num_classes=40,
         kind="hetxl",
         noise=het.NoiseConfig(num_factors=2, diag_mode=diag_mode),
-        sampling=het.Sampling(train_samples=19, eval_samples=20),
+        sampling=het.Sampling(train_samples=211, eval_samples=212),
     )
     phi = jax.random.normal(KEY, (3, 8))
-    assert model.chunk_for(3, train=False) == 20  # 3 x 40 logits a sample: all in one chunk
+    assert model.chunk_for(3, train=False) == 212  # 3 x 40 logits a sample: all in one chunk
     assert chosen_forms(monkeypatch, model, phi, **call) == [expected]
 
 
