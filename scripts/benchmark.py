@@ -76,6 +76,7 @@ import sys
 import time
 
 from scripts import benchmark_head, terminal
+from scripts.benchmark_head import significant
 from scripts.config_loader import add_config_flag, load_config, parse_args_with_overrides
 from scripts.host_memory import host_memory_kept
 from scripts.terminal import positive_int
@@ -139,16 +140,16 @@ def benchmark_losses(args) -> list[dict]:
         sampling = Sampling(samples, samples, chunk_size=args.sample_chunk)
         losses.append(("hetxl", samples, make_loss("hetxl", sampling=sampling, **chunk)))
         losses.append(("floor", samples, ClipWorkFloor(samples, args.column_chunk)))
-    rows, calls = [], []
-    for name, samples, loss in losses:
+    local_batch = args.batch // mesh.size
+    rows, calls = [], {}
+    for index, (name, samples, loss) in enumerate(losses):
         sharded = shard_loss(loss, mesh)
         value_and_grad = jax.jit(
             jax.value_and_grad(lambda outputs, fn=sharded: fn(outputs, rng)[0])
         )
         traced = value_and_grad.trace(inputs)
         compiled = traced.lower().compile()
-        calls.append(compiled)
-        local_batch = args.batch // mesh.size
+        calls[index] = lambda compiled=compiled: compiled(inputs)
         rows.append(
             dict(
                 loss=name,
@@ -167,9 +168,9 @@ def benchmark_losses(args) -> list[dict]:
                 peak_bytes=peak_bytes(compiled),
             )
         )
-    times = alternating_call_ms(calls, inputs, args.repeats)
-    for row, row_times in zip(rows, times, strict=True):
-        row["step_ms"] = round(statistics.median(row_times), 3)
+    times = alternating_call_ms(calls, args.repeats)
+    for index, row in enumerate(rows):
+        row["step_ms"] = round(statistics.median(times[index]), 3)
     clip_ms = rows[0]["step_ms"]
     for index, row in enumerate(rows):
         row["vs_clip"] = round(row["step_ms"] / clip_ms, 3)
@@ -180,18 +181,18 @@ def benchmark_losses(args) -> list[dict]:
     return [row for row in rows if row["loss"] != "floor"]
 
 
-def alternating_call_ms(calls, inputs, repeats: int) -> list[list[float]]:
-    """Wall times (ms) of each call(inputs) over `repeats` rounds of one call each, after an
-    untimed round: every call sees the same machine load."""
+def alternating_call_ms(calls: dict, repeats: int) -> dict[str, list[float]]:
+    """Wall times (ms) of each zero-argument call over `repeats` rounds of one call each, after
+    an untimed round: every call sees the same machine load."""
     import jax
 
-    times = [[] for _ in calls]
+    times = {name: [] for name in calls}
     for round_index in range(repeats + 1):
-        for call, call_times in zip(calls, times, strict=True):
+        for name, call in calls.items():
             start = time.perf_counter()
-            jax.block_until_ready(call(inputs))
+            jax.block_until_ready(call())
             if round_index:
-                call_times.append((time.perf_counter() - start) * 1e3)
+                times[name].append((time.perf_counter() - start) * 1e3)
     return times
 
 
@@ -292,10 +293,6 @@ def matmul_probe(size: int, device, dtype: str = "float32"):
     return traced.lower().compile(), operands, jaxpr_matmul_flops(traced.jaxpr)
 
 
-def significant(value: float, digits: int = 4) -> float:
-    return float(f"{value:.{digits}g}")
-
-
 def benchmark_step(args, overrides=()) -> list[dict]:
     """The full train step (both towers, loss, AdamW update) of a config on random batches, for
     each --loss side by side, the matmul speed it is measured against and, with
@@ -344,13 +341,7 @@ def benchmark_step(args, overrides=()) -> list[dict]:
 
         calls["reference"] = reference_call
     # The calls alternate, so every one sees the same machine load; the first round warms up.
-    times = {name: [] for name in calls}
-    for index in range(args.repeats + 1):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            if index:
-                times[name].append((time.perf_counter() - start) * 1e3)
+    times = alternating_call_ms(calls, args.repeats)
     # The probe also runs back to back, waited for once: per-call dispatch and sync cost a 1-2 ms
     # GPU matmul a tenth of its speed. The peak is the faster of the two ways.
     start = time.perf_counter()

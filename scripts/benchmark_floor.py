@@ -41,7 +41,11 @@ class HeadWorkFloor(nn.Module):
     noise: NoiseConfig = NoiseConfig()
 
     @nn.compact
-    def __call__(self, pre_logits: jax.Array, labels: jax.Array) -> jax.Array:
+    def __call__(
+        self, pre_logits: jax.Array, labels: jax.Array, *, train: bool = True
+    ) -> jax.Array:
+        """The head's call form; `train` is accepted for it and changes nothing (S is fixed)."""
+        del train
         dim = pre_logits.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (dim, self.num_classes))
         bias = self.param("bias", nn.initializers.zeros, (self.num_classes,))

@@ -80,6 +80,11 @@ def head_list(text: str) -> list[str]:
     return heads
 
 
+def significant(value: float, digits: int = 4) -> float:
+    """value rounded to `digits` significant digits (for JSON rows)."""
+    return float(f"{value:.{digits}g}")
+
+
 def form_list(text: str) -> list[str]:
     """ "auto,w_once" -> ["auto", "w_once"] (argparse type)."""
     forms = [item for item in text.split(",") if item]
@@ -194,11 +199,8 @@ class HeadStep:
             {"params": params_key, "noise": noise_key},
             batch["pre_logits"][:1],
             batch["label"][:1],
-            **self._train_kwargs(),
+            train=True,
         )["params"]
-
-    def _train_kwargs(self) -> dict:
-        return {} if self.kind == FLOOR else {"train": True}
 
     def value_and_grad(self, params, batch, rng):
         """((loss, metrics), parameter gradients); the input's gradient is computed as a tower
@@ -211,8 +213,8 @@ class HeadStep:
                 {"params": params},
                 pre_logits,
                 batch["label"],
+                train=True,
                 rngs={"noise": rng},
-                **self._train_kwargs(),
             )
             return -jnp.mean(log_lik)
 
@@ -267,7 +269,7 @@ class HeadStep:
             vs_het=None,
             form=self.form,
             chunk=self.chunk,
-            step_gflop=float(f"{self.gflop:.4g}"),
+            step_gflop=significant(self.gflop),
             floor_ms=None,
             floor_gflop=None,
             timed_calls=len(self.times_ms),
